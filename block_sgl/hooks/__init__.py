@@ -1,0 +1,54 @@
+"""block_sgl's SGLang plugin (entry point group ``sglang.srt.plugins``, name ``block_sgl``).
+
+SGLang calls ``register()`` once in every process that loads plugins (launch_server's main
+process before it parses arguments, each scheduler, the detokenizer, the DP controller). It
+registers hooks according to the ``BLOCK_SGL_*`` environment (see ``flags.py``); with none set
+it only adds the ``--block-*`` server flags, and SGLang behaves exactly as stock.
+
+This package is the only one (with ``block_sgl.testing``) that imports sglang, and only lazily.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from block_sgl.hooks.flags import HookSettings, SettingsError
+
+SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+
+
+def register() -> None:
+    """Plugin entry point: register block_sgl's hooks for the current environment."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    try:
+        settings = HookSettings.from_env()
+    except SettingsError as e:
+        # SGLang catches Exceptions raised by plugins and carries on; a bad setting must stop
+        # the server instead of letting it run silently without what was asked for.
+        raise SystemExit(f"block_sgl: {e}") from None
+
+    HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", _add_cli_args_hook, HookType.AFTER)
+    HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", _from_cli_args_hook, HookType.AFTER)
+    if settings.emulate:
+        from block_sgl.hooks import emulate
+
+        emulate.install(settings)
+
+
+def _add_cli_args_hook(result, parser):
+    from block_sgl.hooks.flags import add_cli_args
+
+    add_cli_args(parser)
+    return None
+
+
+def _from_cli_args_hook(result, cls, args):
+    from block_sgl.hooks.flags import export_cli_args
+
+    try:
+        export_cli_args(args)
+    except SettingsError as e:
+        print(f"block_sgl: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return None

@@ -1,0 +1,1 @@
+"""Knowledge the router predicts with: step latency per instance and response lengths."""

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Set up a development/CI environment for block_sgl: a virtualenv with SGLang 0.5.23 and block_sgl
+# installed in editable mode (the Cython extension built). Idempotent: re-running skips what is
+# already installed. Prints every step it takes.
+#
+#   bash scripts/setup.sh            # venv at ./.venv (override with BLOCK_SGL_VENV)
+#
+# On a machine with a working NVIDIA GPU it does the normal `pip install sglang==0.5.23`.
+# Without one it follows the CPU path verified in SGLANG_NOTES.md: torch 2.14.1 + torchvision
+# 0.29.1, sglang 0.5.23 --no-deps, the pinned serving dependencies, and the pure-PyTorch
+# `sgl_kernel` shim (block_sgl/testing/cpu_shim) put on the path by a .pth file — only if no
+# real sgl_kernel is importable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${BLOCK_SGL_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3.11}
+SGLANG_VERSION=0.5.23
+step() { echo "[setup] $*"; }
+start=$(date +%s)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating virtualenv $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+else
+  step "virtualenv $VENV exists"
+fi
+PY="$VENV/bin/python"
+PIP="$PY -m pip --disable-pip-version-check"
+
+have() { $PY -c "import importlib.metadata as m,sys; sys.exit(0 if m.version('$1')=='$2' else 1)" 2>/dev/null; }
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  MODE=gpu
+else
+  MODE=cpu
+fi
+step "mode: $MODE"
+
+if have sglang "$SGLANG_VERSION"; then
+  step "sglang $SGLANG_VERSION already installed"
+elif [ "$MODE" = gpu ]; then
+  step "installing sglang==$SGLANG_VERSION (full GPU install)"
+  $PIP install "sglang==$SGLANG_VERSION"
+else
+  step "installing torch==2.14.1 torchvision==0.29.1 (CPU path)"
+  $PIP install torch==2.14.1 torchvision==0.29.1
+  step "installing sglang==$SGLANG_VERSION --no-deps"
+  $PIP install --no-deps "sglang==$SGLANG_VERSION"
+  step "installing pinned serving dependencies (requirements/sglang-cpu.txt)"
+  $PIP install -r requirements/sglang-cpu.txt
+fi
+
+step "installing build + test dependencies (requirements/dev.txt)"
+$PIP install -q "cython>=3.0" "setuptools>=68" wheel numpy==2.4.6 -r requirements/dev.txt
+
+step "installing block_sgl in editable mode with its dependencies (builds block_sgl/_fastsim)"
+$PIP install -q --no-build-isolation -e .
+$PY -c "import block_sgl._fastsim as f; print('[setup] compiled extension:', f.__file__)"
+
+SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+PTH="$SITE/block_sgl_cpu_shim.pth"
+if [ "$MODE" = cpu ]; then
+  if [ -f "$PTH" ]; then
+    step "CPU sgl_kernel shim already on the path ($PTH)"
+  elif $PY -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('sgl_kernel') else 1)"; then
+    step "a real sgl_kernel is importable: NOT installing the CPU shim"
+  else
+    echo "$ROOT/block_sgl/testing/cpu_shim" > "$PTH"
+    step "CPU sgl_kernel shim put on the path ($PTH)"
+  fi
+fi
+step "done in $(( $(date +%s) - start )) s; activate with: source $VENV/bin/activate"
