@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from block_sgl.testing.cluster import ClusterConfig, LocalCluster
+from block_sgl.testing.cluster import ClusterConfig, LocalCluster, free_port, port_in_use
 
 EMULATED_PROFILE = "h100-llama2-7b"
 TIME_SCALE = 4.0
@@ -22,7 +22,21 @@ def cluster(tmp_path_factory):
     """Two real SGLang 0.5.23 servers (tiny model, CPU), H100 speed emulated at 4x time scale."""
     if importlib.util.find_spec("sglang") is None:
         pytest.fail("integration tests need SGLang: run scripts/setup.sh")
+    publish = publish_endpoints(2)
     config = ClusterConfig(instances=2, emulate=EMULATED_PROFILE, time_scale=TIME_SCALE,
-                           log_dir=str(tmp_path_factory.mktemp("cluster-logs")))
+                           log_dir=str(tmp_path_factory.mktemp("cluster-logs")),
+                           per_instance_env=tuple((("BLOCK_SGL_PUBLISH", e),) for e in publish))
     with LocalCluster(config) as c:
+        c.publish_endpoints = publish
         yield c
+
+
+def publish_endpoints(n):
+    """n loopback publish endpoints whose replay ports (+1000) are free too."""
+    out = []
+    while len(out) < n:
+        port = free_port()
+        if port + 1000 < 65536 and not port_in_use(port + 1000) and all(
+                abs(port - int(e.rsplit(":", 1)[1])) > 2 for e in out):
+            out.append(f"tcp://127.0.0.1:{port}")
+    return out

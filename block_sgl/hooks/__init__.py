@@ -34,6 +34,10 @@ def register() -> None:
         from block_sgl.hooks import emulate
 
         emulate.install(settings)
+    if settings.publish:
+        from block_sgl.hooks import scheduler
+
+        scheduler.install(settings)
 
 
 def _add_cli_args_hook(result, parser):
@@ -47,8 +51,23 @@ def _from_cli_args_hook(result, cls, args):
     from block_sgl.hooks.flags import export_cli_args
 
     try:
-        export_cli_args(args)
+        settings = export_cli_args(args)
+        if settings.publish and result is not None:
+            _route_kv_events_to_block_sgl(result)
     except SettingsError as e:
         print(f"block_sgl: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return None
+
+
+def _route_kv_events_to_block_sgl(server_args) -> None:
+    """Radix-cache events reach block_sgl through SGLang's KV-event publisher interface."""
+    from block_sgl.hooks.scheduler import KV_EVENTS_CONFIG
+
+    current = getattr(server_args, "kv_events_config", None)
+    if current and current != KV_EVENTS_CONFIG:
+        raise SettingsError(
+            f"--kv-events-config {current!r} conflicts with BLOCK_SGL_PUBLISH: block_sgl publishes "
+            "the radix-cache events itself (same stream as the scheduler state); drop "
+            "--kv-events-config or BLOCK_SGL_PUBLISH")
+    server_args.kv_events_config = KV_EVENTS_CONFIG

@@ -1,0 +1,284 @@
+"""Hooks in SGLang's scheduler that stream its state (``block_sgl.protocol``) to subscribers.
+
+Hook targets (``sglang/srt/managers/scheduler.py``, class ``Scheduler``):
+* ``__init__`` AFTER: on the publishing rank (pp / attn-tp / attn-cp rank 0) bind the publisher
+  at the configured port + DP rank and send Hello;
+* ``run_batch`` BEFORE: remember when the step started;
+* ``process_batch_result`` AFTER: a StepRecord for the step (batched), and a Snapshot at most
+  every ``snapshot_interval_ms``;
+* ``on_idle`` AFTER: a Heartbeat and a Snapshot every ``heartbeat_interval_ms``.
+Radix-cache events come through SGLang's own KV-event path: block_sgl registers an
+``EventPublisher`` named ``block_sgl`` and sets ``--kv-events-config`` to it, so cache events enter
+the same ordered stream.
+
+Nothing here may hurt the scheduler: every hook body runs under ``_guard`` (exceptions are
+caught, counted, logged once per kind), and publishing is a non-blocking queue put.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from block_sgl import protocol as p
+from block_sgl.hooks.flags import HookSettings, parse_endpoint
+from block_sgl.hooks.publisher import Publisher, PublisherError
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+KV_EVENTS_CONFIG = '{"publisher": "block_sgl", "endpoint": ""}'
+"""Routes SGLang's radix-cache events to block_sgl's in-process publisher. An empty endpoint
+keeps SGLang's own load publisher (which derives ports from it) off."""
+FAULT_ENV = "BLOCK_SGL_FAULT_INJECT"
+"""Tests only: name of a hook ('snapshot') whose body raises, to prove SGLang keeps serving."""
+
+
+def endpoints_for_rank(publish: str, dp_rank: int) -> tuple[str, str]:
+    host, port = parse_endpoint("BLOCK_SGL_PUBLISH", publish)
+    host = f"[{host}]" if ":" in host else host
+    return (f"tcp://{host}:{port + dp_rank}",
+            f"tcp://{host}:{port + p.REPLAY_PORT_OFFSET + dp_rank}")
+
+
+def _columns(reqs) -> p.RequestColumns:
+    cols = p.RequestColumns(rid=[], input_len=[], prefix_len=[], output_len=[],
+                            max_new_tokens=[], ignore_eos=[])
+    for r in reqs:
+        sp = r.sampling_params
+        cols.rid.append(r.rid)
+        cols.input_len.append(len(r.origin_input_ids))
+        cols.prefix_len.append(int(max(r.cached_tokens, r.prefix_len)))
+        cols.output_len.append(len(r.output_ids))
+        cols.max_new_tokens.append(int(sp.max_new_tokens or 0))
+        cols.ignore_eos.append(bool(sp.ignore_eos))
+    return cols
+
+
+def _mode_name(mode) -> str:
+    if mode.is_idle():
+        return "idle"
+    if mode.is_decode():
+        return "decode"
+    if mode.is_mixed():
+        return "mixed"
+    return "extend"
+
+
+class SchedulerTap:
+    """One per scheduler process; created by ``register()`` and bound to the hooks."""
+
+    def __init__(self, settings: HookSettings):
+        self.settings = settings
+        self.publisher: Publisher | None = None
+        self.instance_id = ""
+        self._snapshot_interval = settings.snapshot_interval_ms / 1e3
+        self._heartbeat_interval = settings.heartbeat_interval_ms / 1e3
+        self._last_snapshot = 0.0
+        self._step_started: float | None = None
+        self._steps = p.StepRecords(instance_id="")
+        self._steps_total = 0
+        self.errors = 0
+        self._logged_kinds: set[str] = set()
+        self._fault = os.environ.get(FAULT_ENV, "")
+
+    # -- safety ---------------------------------------------------------------------------
+    def _failed(self, kind: str) -> None:
+        self.errors += 1
+        if kind not in self._logged_kinds:
+            self._logged_kinds.add(kind)
+            logger.exception("block_sgl hook %r failed (logged once; counted in errors_total)", kind)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def after_init(self, result, scheduler, *args, **kwargs):
+        try:
+            self._attach(scheduler)
+        except PublisherError as e:
+            message = f"block_sgl: cannot publish on {self.settings.publish}: {e}"
+            if self.settings.strict:
+                raise RuntimeError(message + " (BLOCK_SGL_STRICT=1: refusing to start)") from None
+            logger.error("%s; block_sgl is DISABLED on this instance, SGLang keeps serving", message)
+            self.publisher = None
+        except Exception:
+            if self.settings.strict:
+                raise
+            self._failed("init")
+            self.publisher = None
+        return None
+
+    def _attach(self, scheduler) -> None:
+        from sglang.srt.runtime_context import get_parallel
+
+        par = get_parallel()
+        if par.pp_rank != 0 or par.attn_tp_rank != 0 or getattr(par, "attn_cp_rank", 0) != 0:
+            return
+        dp_rank = par.dp_rank if par.dp_rank is not None else 0
+        args = scheduler.server_args
+        url = f"http://{args.host}:{args.port}"
+        self.instance_id = self.settings.instance_id or url
+        if dp_rank:
+            self.instance_id += f"#dp{dp_rank}"
+        self._steps = p.StepRecords(instance_id=self.instance_id)
+        endpoint, replay = endpoints_for_rank(self.settings.publish, dp_rank)
+        publisher = Publisher(endpoint, replay, self.instance_id)
+        publisher.start()
+        self.publisher = publisher
+        publisher.submit(p.Hello(
+            instance_id=self.instance_id, url=url, model=str(args.served_model_name or args.model_path),
+            page_size=int(scheduler.page_size), max_total_num_tokens=int(scheduler.max_total_num_tokens),
+            max_running_requests=int(scheduler.max_running_requests),
+            chunked_prefill_size=int(scheduler.chunked_prefill_size or -1),
+            max_prefill_tokens=int(scheduler.max_prefill_tokens),
+            schedule_policy=str(args.schedule_policy), dp_rank=dp_rank,
+            hardware_profile=self.settings.emulate, time_scale=self.settings.time_scale,
+            started_at=time.time()))
+        self._publish_snapshot(scheduler, time.perf_counter())
+        logger.info("block_sgl publishing %s on %s (replay %s)", self.instance_id, endpoint, replay)
+
+    def before_run_batch(self, scheduler, *args, **kwargs):
+        if self.publisher is not None:
+            self._step_started = time.perf_counter()
+        return None
+
+    def after_process_batch_result(self, result, scheduler, batch, *args, **kwargs):
+        if self.publisher is None:
+            return None
+        try:
+            now = time.perf_counter()
+            self._record_step(batch, now)
+            if now - self._last_snapshot >= self._snapshot_interval:
+                self._publish_snapshot(scheduler, now)
+        except Exception:
+            self._failed("process_batch_result")
+        return None
+
+    def after_on_idle(self, result, scheduler, *args, **kwargs):
+        if self.publisher is None:
+            return None
+        try:
+            now = time.perf_counter()
+            if now - self._last_snapshot >= self._heartbeat_interval:
+                self.publisher.submit(p.Heartbeat(instance_id=self.instance_id, time=time.time()))
+                self._publish_snapshot(scheduler, now)
+        except Exception:
+            self._failed("on_idle")
+        return None
+
+    # -- work -----------------------------------------------------------------------------
+    def _record_step(self, batch, now: float) -> None:
+        s = self._steps
+        mode = batch.forward_mode
+        started = self._step_started if self._step_started is not None else now
+        self._step_started = None
+        reqs = len(batch.reqs)
+        if mode.is_decode():
+            extend, prefix, pairs, decode_reqs = 0, 0, 0.0, reqs
+            decode_ctx = int(batch.seq_lens_sum or 0)
+        else:
+            extend_lens = batch.extend_lens or []
+            prefix_lens = batch.prefix_lens or [0] * len(extend_lens)
+            extend, prefix = int(sum(extend_lens)), int(sum(prefix_lens))
+            pairs = float(sum(e * (q + (e + 1) / 2.0) for e, q in zip(extend_lens, prefix_lens)))
+            decode_reqs, decode_ctx = 0, 0
+        s.forward_mode.append(_mode_name(mode))
+        s.num_reqs.append(reqs)
+        s.extend_tokens.append(extend)
+        s.prefix_tokens.append(prefix)
+        s.prefill_context_tokens.append(pairs)
+        s.decode_reqs.append(decode_reqs)
+        s.decode_context_tokens.append(decode_ctx)
+        s.kv_tokens.append(int(batch.seq_lens_sum or 0))
+        s.duration_s.append(now - started)
+        s.end_time.append(time.time())
+        self._steps_total += 1
+
+    def _flush_steps(self) -> None:
+        if self._steps.num_reqs:
+            self.publisher.submit(self._steps)
+            self._steps = p.StepRecords(instance_id=self.instance_id)
+
+    def build_snapshot(self, scheduler) -> p.Snapshot:
+        if self._fault == "snapshot":
+            raise RuntimeError("injected fault (BLOCK_SGL_FAULT_INJECT=snapshot)")
+        running = list(scheduler.running_batch.reqs)
+        last = scheduler.last_batch
+        chunked = scheduler.chunked_req
+        if last is not None and not last.forward_mode.is_decode():
+            # Freshly prefilled requests join running_batch at the next scheduling round.
+            seen = {r.rid for r in running}
+            running += [r for r in last.reqs if r.rid not in seen and r is not chunked
+                        and not r.finished()]
+        running = [r for r in running if not r.finished()]
+        return p.Snapshot(
+            instance_id=self.instance_id, time=time.time(), forward_ct=int(scheduler.forward_ct),
+            running=_columns(running), waiting=_columns(scheduler.waiting_queue),
+            chunked_rid=chunked.rid if chunked is not None else None,
+            chunked_done_tokens=int(chunked.prefix_len) if chunked is not None else 0,
+            free_tokens=int(scheduler.token_to_kv_pool_allocator.available_size()),
+            evictable_tokens=int(scheduler.tree_cache.evictable_size()),
+            max_total_num_tokens=int(scheduler.max_total_num_tokens),
+            new_token_ratio=float(scheduler.new_token_ratio_tracker.current),
+            steps_total=self._steps_total, dropped_total=self.publisher.dropped,
+            errors_total=self.errors)
+
+    def _publish_snapshot(self, scheduler, now: float) -> None:
+        self._last_snapshot = now
+        self._flush_steps()
+        try:
+            snapshot = self.build_snapshot(scheduler)
+        except Exception:
+            self._failed("snapshot")
+            return
+        self.publisher.submit(snapshot)
+
+    # -- radix-cache events (SGLang EventPublisher interface) ------------------------------
+    def make_kv_event_publisher(self, **config):
+        from sglang.srt.disaggregation.kv_events import EventPublisher
+
+        tap = self
+
+        class BlockSglKvEvents(EventPublisher):
+            """Receives SGLang's KVEventBatch objects in-process and forwards them."""
+
+            def publish(self, batch) -> None:
+                tap.forward_kv_events(batch.events)
+
+            def shutdown(self) -> None:
+                if tap.publisher is not None:
+                    tap.publisher.close()
+
+        return BlockSglKvEvents()
+
+    def forward_kv_events(self, events) -> None:
+        if self.publisher is None:
+            return
+        try:
+            for ev in events:
+                name = type(ev).__name__
+                if name == "BlockStored":
+                    self.publisher.submit(p.CacheStored(
+                        instance_id=self.instance_id, block_hashes=list(ev.block_hashes),
+                        parent_block_hash=ev.parent_block_hash, block_size=int(ev.block_size)))
+                elif name == "BlockRemoved":
+                    self.publisher.submit(p.CacheRemoved(instance_id=self.instance_id,
+                                                         block_hashes=list(ev.block_hashes)))
+                elif name == "AllBlocksCleared":
+                    self.publisher.submit(p.CacheCleared(instance_id=self.instance_id))
+        except Exception:
+            self._failed("kv_events")
+
+
+def install(settings: HookSettings) -> SchedulerTap:
+    """Register the scheduler hooks and the KV-event publisher for this process."""
+    from sglang.srt.disaggregation.kv_events import EventPublisherFactory
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    tap = SchedulerTap(settings)
+    HookRegistry.register(f"{SCHEDULER}.__init__", tap.after_init, HookType.AFTER)
+    HookRegistry.register(f"{SCHEDULER}.run_batch", tap.before_run_batch, HookType.BEFORE)
+    HookRegistry.register(f"{SCHEDULER}.process_batch_result", tap.after_process_batch_result,
+                          HookType.AFTER)
+    HookRegistry.register(f"{SCHEDULER}.on_idle", tap.after_on_idle, HookType.AFTER)
+    EventPublisherFactory.register_publisher("block_sgl", tap.make_kv_event_publisher)
+    return tap
