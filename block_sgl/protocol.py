@@ -85,6 +85,8 @@ class Snapshot(msgspec.Struct, tag="snapshot", kw_only=True):
     """Messages dropped by the publisher because its queue was full."""
     errors_total: int = 0
     """Exceptions caught inside block_sgl's hooks."""
+    hook_seconds_total: float = 0.0
+    """Scheduler-thread time spent inside block_sgl's step hooks (their overhead)."""
 
 
 class StepRecords(msgspec.Struct, tag="steps", kw_only=True):

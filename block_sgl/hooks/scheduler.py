@@ -18,6 +18,7 @@ caught, counted, logged once per kind), and publishing is a non-blocking queue p
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import time
 
@@ -32,7 +33,8 @@ KV_EVENTS_CONFIG = '{"publisher": "block_sgl", "endpoint": ""}'
 """Routes SGLang's radix-cache events to block_sgl's in-process publisher. An empty endpoint
 keeps SGLang's own load publisher (which derives ports from it) off."""
 FAULT_ENV = "BLOCK_SGL_FAULT_INJECT"
-"""Tests only: name of a hook ('snapshot') whose body raises, to prove SGLang keeps serving."""
+"""Tests only: ``snapshot`` or ``snapshot:N`` makes snapshot building raise (every time, or the
+first N times), to prove SGLang keeps serving and block_sgl recovers."""
 
 
 def endpoints_for_rank(publish: str, dp_rank: int) -> tuple[str, str]:
@@ -42,18 +44,27 @@ def endpoints_for_rank(publish: str, dp_rank: int) -> tuple[str, str]:
             f"tcp://{host}:{port + p.REPLAY_PORT_OFFSET + dp_rank}")
 
 
+_RID = operator.attrgetter("rid")
+_INPUT = operator.attrgetter("origin_input_ids")
+_OUTPUT = operator.attrgetter("output_ids")
+_CACHED = operator.attrgetter("cached_tokens")
+_PREFIX = operator.attrgetter("prefix_len")
+_PARAMS = operator.attrgetter("sampling_params")
+_MAX_NEW = operator.attrgetter("max_new_tokens")
+_IGNORE_EOS = operator.attrgetter("ignore_eos")
+
+
 def _columns(reqs) -> p.RequestColumns:
-    cols = p.RequestColumns(rid=[], input_len=[], prefix_len=[], output_len=[],
-                            max_new_tokens=[], ignore_eos=[])
-    for r in reqs:
-        sp = r.sampling_params
-        cols.rid.append(r.rid)
-        cols.input_len.append(len(r.origin_input_ids))
-        cols.prefix_len.append(int(max(r.cached_tokens, r.prefix_len)))
-        cols.output_len.append(len(r.output_ids))
-        cols.max_new_tokens.append(int(sp.max_new_tokens or 0))
-        cols.ignore_eos.append(bool(sp.ignore_eos))
-    return cols
+    # map() over attrgetters keeps the per-request work in C: this runs on the scheduler thread
+    # for every published snapshot (see benchmarks/micro/bench_hooks.py).
+    params = list(map(_PARAMS, reqs))
+    return p.RequestColumns(
+        rid=list(map(_RID, reqs)),
+        input_len=list(map(len, map(_INPUT, reqs))),
+        prefix_len=list(map(max, map(_CACHED, reqs), map(_PREFIX, reqs))),
+        output_len=list(map(len, map(_OUTPUT, reqs))),
+        max_new_tokens=list(map(_MAX_NEW, params)),
+        ignore_eos=list(map(bool, map(_IGNORE_EOS, params))))
 
 
 def _mode_name(mode) -> str:
@@ -80,8 +91,11 @@ class SchedulerTap:
         self._steps = p.StepRecords(instance_id="")
         self._steps_total = 0
         self.errors = 0
+        self.hook_seconds = 0.0
         self._logged_kinds: set[str] = set()
-        self._fault = os.environ.get(FAULT_ENV, "")
+        fault, _, count = os.environ.get(FAULT_ENV, "").partition(":")
+        self._fault = fault
+        self._faults_left = int(count) if count.isdigit() else -1
 
     # -- safety ---------------------------------------------------------------------------
     def _failed(self, kind: str) -> None:
@@ -98,7 +112,9 @@ class SchedulerTap:
             message = f"block_sgl: cannot publish on {self.settings.publish}: {e}"
             if self.settings.strict:
                 raise RuntimeError(message + " (BLOCK_SGL_STRICT=1: refusing to start)") from None
-            logger.error("%s; block_sgl is DISABLED on this instance, SGLang keeps serving", message)
+            # SGLang's log format has no level name: say ERROR in the text so operators see it.
+            logger.error("ERROR %s; block_sgl is DISABLED on this instance, SGLang keeps serving",
+                         message)
             self.publisher = None
         except Exception:
             if self.settings.strict:
@@ -151,6 +167,7 @@ class SchedulerTap:
                 self._publish_snapshot(scheduler, now)
         except Exception:
             self._failed("process_batch_result")
+        self.hook_seconds += time.perf_counter() - now
         return None
 
     def after_on_idle(self, result, scheduler, *args, **kwargs):
@@ -199,7 +216,8 @@ class SchedulerTap:
             self._steps = p.StepRecords(instance_id=self.instance_id)
 
     def build_snapshot(self, scheduler) -> p.Snapshot:
-        if self._fault == "snapshot":
+        if self._fault == "snapshot" and self._faults_left != 0:
+            self._faults_left -= 1
             raise RuntimeError("injected fault (BLOCK_SGL_FAULT_INJECT=snapshot)")
         running = list(scheduler.running_batch.reqs)
         last = scheduler.last_batch
@@ -220,7 +238,7 @@ class SchedulerTap:
             max_total_num_tokens=int(scheduler.max_total_num_tokens),
             new_token_ratio=float(scheduler.new_token_ratio_tracker.current),
             steps_total=self._steps_total, dropped_total=self.publisher.dropped,
-            errors_total=self.errors)
+            errors_total=self.errors, hook_seconds_total=self.hook_seconds)
 
     def _publish_snapshot(self, scheduler, now: float) -> None:
         self._last_snapshot = now

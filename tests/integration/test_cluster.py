@@ -116,11 +116,20 @@ def test_server_flag_validates_like_the_env(tmp_path):
         c.start()
 
 
-def test_stop_leaves_no_process_behind(tmp_path):
+def test_stock_behaviour_without_block_sgl_settings_and_clean_stop(tmp_path, cluster):
+    """Plugin installed, nothing enabled: SGLang as stock (same greedy output, no KV-event
+    config, no block_sgl log line); then stop() leaves no process behind."""
     psutil = pytest.importorskip("psutil")
     c = LocalCluster(ClusterConfig(instances=1, log_dir=str(tmp_path)))
     try:
         c.start()
+        body = {"input_ids": list(range(300, 340)), "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
+        stock = json.loads(post(f"{c.urls[0]}/generate", body))["output_ids"]
+        hooked = json.loads(post(f"{cluster.urls[0]}/generate", body))["output_ids"]
+        assert stock == hooked
+        with urllib.request.urlopen(f"{c.urls[0]}/server_info", timeout=30) as r:
+            assert json.loads(r.read())["kv_events_config"] is None
+        assert "block_sgl" not in c.instances[0].log_path.read_text()
         server = psutil.Process(c.instances[0].process.pid)
         tree = [server] + server.children(recursive=True)
         assert len(tree) >= 3  # http server + scheduler + detokenizer
