@@ -1,0 +1,256 @@
+"""fastsim: predict a request's TTFT / E2E / queueing delay on one SGLang instance.
+
+The simulator replays SGLang 0.5.23's scheduling (prefill-first steps, ``PrefillAdder``
+admission with the ``new_token_ratio`` reservation, chunked prefill, decode retraction) over the
+instance's snapshot with a step-latency model; see ``block_sgl/_fastsim_py.py`` (the readable
+specification) and ``benchmarks/micro/README_fastsim.md`` (what is modelled, what approximated).
+
+This module selects the implementation: the compiled ``block_sgl._fastsim`` (a missing build is
+an ImportError, never a silent fallback), or the pure-Python twin when the environment variable
+``BLOCK_SGL_FASTSIM_PURE=1`` is set (slow; for debugging and platforms without a compiler).
+
+Typical use (the router builds an ``InstanceState`` per snapshot and reuses it)::
+
+    state = InstanceState(config, running, waiting, free_kv_tokens=..., evictable_tokens=...)
+    p = predict(state.with_pending(in_flight), Candidate(800, 512, 200, 1024), step_model)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from block_sgl import _fastsim_py as _spec
+from block_sgl.predictor.step_model import StepModel
+
+if os.environ.get("BLOCK_SGL_FASTSIM_PURE") == "1":
+    from block_sgl import _fastsim_py as _kernel
+else:
+    try:
+        from block_sgl import _fastsim as _kernel
+    except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+        raise ImportError(
+            "block_sgl._fastsim (the compiled fastsim kernel) is not built. Build it with "
+            "`pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`; "
+            "set BLOCK_SGL_FASTSIM_PURE=1 to run the (about 1000x slower) pure-Python twin "
+            "instead.") from exc
+
+POLICIES = {"fcfs": _spec.POLICY_FCFS, "lpm": _spec.POLICY_LPM}
+
+
+def implementation() -> str:
+    """``"compiled"`` or ``"python"``: which kernel ``predict`` runs."""
+    return "python" if _kernel is _spec else "compiled"
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestTable:
+    """Columnar per-request arrays (running batch, waiting queue or pending requests).
+
+    ``prefix_len``: tokens of the request already cached on the instance (for running requests:
+    what was cached at admission). ``output_len``: tokens generated so far (>0 in the waiting
+    queue means a retracted request). ``pred_output_len``: predicted TOTAL output length; the
+    simulator finishes a request at ``min(pred_output_len, max_new_tokens)`` tokens (and at least
+    one token after the current ones).
+    """
+
+    input_len: np.ndarray
+    prefix_len: np.ndarray
+    output_len: np.ndarray
+    max_new_tokens: np.ndarray
+    ignore_eos: np.ndarray
+    pred_output_len: np.ndarray
+    packed: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        cols = [np.asarray(getattr(self, f), dtype=np.int64).reshape(-1) for f in _spec.FIELDS]
+        for f, c in zip(_spec.FIELDS, cols):
+            if len(c) != len(cols[0]):
+                raise ValueError(f"{f} has {len(c)} entries, input_len has {len(cols[0])}")
+        packed = np.ascontiguousarray(np.stack(cols)) if cols[0].size else np.zeros(
+            (_spec.N_FIELDS, 0), dtype=np.int64)
+        object.__setattr__(self, "packed", packed)
+
+    def __len__(self) -> int:
+        return self.packed.shape[1]
+
+    @classmethod
+    def empty(cls) -> "RequestTable":
+        z = np.zeros(0, dtype=np.int64)
+        return cls(z, z, z, z, z, z)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence[int]]) -> "RequestTable":
+        """Rows of ``(input_len, prefix_len, output_len, max_new_tokens, ignore_eos,
+        pred_output_len)``."""
+        if not rows:
+            return cls.empty()
+        a = np.asarray(rows, dtype=np.int64)
+        if a.ndim != 2 or a.shape[1] != _spec.N_FIELDS:
+            raise ValueError(f"rows must have {_spec.N_FIELDS} fields {_spec.FIELDS}")
+        return cls(*a.T)
+
+    def concat(self, other: "RequestTable") -> "RequestTable":
+        p = np.concatenate([self.packed, other.packed], axis=1)
+        return RequestTable(*p)
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceConfig:
+    """Fixed scheduler settings of an instance (its Hello message)."""
+
+    max_total_num_tokens: int
+    max_running_requests: int
+    page_size: int = 1
+    chunked_prefill_size: int = 8192
+    """<= 0 disables chunked prefill (SGLang ``--chunked-prefill-size -1``)."""
+    max_prefill_tokens: int = 16384
+    schedule_policy: str = "fcfs"
+    """``fcfs`` or ``lpm``."""
+    schedule_conservativeness: float = 1.0
+    init_new_token_ratio: float = 0.7
+    """SGLANG_INIT_NEW_TOKEN_RATIO."""
+    min_new_token_ratio_factor: float = 0.14
+    """SGLANG_MIN_NEW_TOKEN_RATIO_FACTOR."""
+    new_token_ratio_decay_steps: int = 600
+    """SGLANG_NEW_TOKEN_RATIO_DECAY_STEPS."""
+    clip_max_new_tokens: int = 4096
+    """SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION."""
+    retract_decode_steps: int = 20
+    """SGLANG_RETRACT_DECODE_STEPS."""
+
+    def __post_init__(self):
+        if self.schedule_policy not in POLICIES:
+            raise ValueError(f"schedule_policy must be one of {sorted(POLICIES)}, "
+                             f"got {self.schedule_policy!r}")
+        if not self.new_token_ratio_decay_steps >= 1:
+            raise ValueError("new_token_ratio_decay_steps must be >= 1, got "
+                             f"{self.new_token_ratio_decay_steps}")
+
+    def ratio_schedule(self) -> tuple[float, float, float]:
+        """``(init, min, decay per decode step)`` as NewTokenRatioTracker.from_config."""
+        init = min(self.init_new_token_ratio * self.schedule_conservativeness, 1.0)
+        low = min(init * self.min_new_token_ratio_factor, 1.0)
+        return init, low, (init - low) / self.new_token_ratio_decay_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceState:
+    """One instance as its snapshot shows it, plus requests dispatched since (``pending``).
+
+    ``chunked_idx`` indexes ``waiting`` (-1: none): that request is mid chunked prefill with
+    ``chunked_prefilled`` tokens (cached prefix included) already in KV. ``elapsed_s``: time
+    already spent in the step in flight at the snapshot (0: the snapshot is between steps).
+    """
+
+    config: InstanceConfig
+    running: RequestTable
+    waiting: RequestTable
+    free_kv_tokens: int
+    evictable_tokens: int = 0
+    new_token_ratio: float | None = None
+    """``None``: the configured initial ratio (an instance that was idle)."""
+    chunked_idx: int = -1
+    chunked_prefilled: int = 0
+    batch_is_full: bool = False
+    pending: RequestTable = dataclasses.field(default_factory=RequestTable.empty)
+    elapsed_s: float = 0.0
+    iscal: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    fscal: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    arrays: tuple = dataclasses.field(init=False, repr=False, compare=False)
+    """``(running, waiting, pending, iscal, fscal)`` as the kernel takes them."""
+
+    def __post_init__(self):
+        c = self.config
+        init, low, decay = c.ratio_schedule()
+        ratio = init if self.new_token_ratio is None else self.new_token_ratio
+        iscal = np.array([c.page_size, c.max_total_num_tokens, self.free_kv_tokens,
+                          self.evictable_tokens, c.max_running_requests, c.chunked_prefill_size,
+                          c.max_prefill_tokens, POLICIES[c.schedule_policy], self.chunked_idx,
+                          self.chunked_prefilled, int(bool(self.batch_is_full)),
+                          c.clip_max_new_tokens, c.retract_decode_steps], dtype=np.int64)
+        fscal = np.array([ratio, init, low, decay, self.elapsed_s], dtype=np.float64)
+        object.__setattr__(self, "iscal", iscal)
+        object.__setattr__(self, "fscal", fscal)
+        object.__setattr__(self, "arrays", (self.running.packed, self.waiting.packed,
+                                            self.pending.packed, iscal, fscal))
+
+    def with_pending(self, pending: RequestTable) -> "InstanceState":
+        """A copy whose pending requests (dispatched, not yet in the snapshot) are ``pending``."""
+        return dataclasses.replace(self, pending=pending)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """The request being routed, as this instance would see it."""
+
+    input_len: int
+    prefix_len: int
+    """Tokens of its prompt already cached on this instance."""
+    pred_output_len: int
+    max_new_tokens: int
+    ignore_eos: bool = False
+    packed: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "packed", np.array(
+            [self.input_len, self.prefix_len, self.pred_output_len, self.max_new_tokens,
+             int(bool(self.ignore_eos))], dtype=np.int64))
+
+
+class Prediction(NamedTuple):
+    ttft_s: float
+    """Until the step that prefills the candidate's last chunk completes."""
+    e2e_s: float
+    """Until the step that produces its last token completes."""
+    queue_s: float
+    """Until its first prefill step starts."""
+
+
+def _coeffs(step_model) -> np.ndarray:
+    if isinstance(step_model, StepModel):
+        return step_model.as_array()
+    return np.ascontiguousarray(step_model, dtype=np.float64)
+
+
+def new_workspace():
+    """Scratch memory to pass as ``workspace=`` and reuse across calls (compiled kernel)."""
+    return _kernel.Workspace() if hasattr(_kernel, "Workspace") else None
+
+
+def predict(state: InstanceState, candidate: Candidate, step_model, *, workspace=None,
+            step_by_step: bool = False) -> Prediction:
+    """Predict the candidate's TTFT, E2E and queueing delay on ``state`` (seconds; inf if the
+    instance could never serve it). ``step_model``: a ``StepModel`` or its 5 coefficients."""
+    return Prediction(*_kernel.simulate(*state.arrays, _coeffs(step_model), candidate.packed,
+                                        workspace, step_by_step))
+
+
+def predict_many(states: Sequence[InstanceState], candidates, step_models, *,
+                 out: np.ndarray | None = None, workspace=None) -> np.ndarray:
+    """One candidate against K instances. ``candidates``: one ``Candidate`` for all or one per
+    instance (its cached prefix differs per instance); ``step_models``: one ``StepModel`` (or
+    1-D coefficient array) for all, or a sequence with one per instance.
+    Returns (or fills) ``out``: float64 ``(K, 3)``, columns ttft_s, e2e_s, queue_s."""
+    k = len(states)
+    if out is None:
+        out = np.empty((k, 3), dtype=np.float64)
+    elif out.shape != (k, 3):
+        raise ValueError(f"out must have shape ({k}, 3), got {out.shape}")
+    cands = [candidates] * k if isinstance(candidates, Candidate) else list(candidates)
+    if len(cands) != k:
+        raise ValueError(f"got {k} states and {len(cands)} candidates: give one for all or "
+                         "one per state")
+    single_model = isinstance(step_models, StepModel) or (
+        isinstance(step_models, np.ndarray) and step_models.ndim == 1)
+    models = [_coeffs(step_models)] * k if single_model else [_coeffs(m) for m in step_models]
+    if len(models) != k:
+        raise ValueError(f"got {k} states and {len(models)} step models: give one for all or "
+                         "one per state")
+    if workspace is None:
+        workspace = new_workspace()
+    return _kernel.simulate_many([s.arrays for s in states], [c.packed for c in cands], models,
+                                 out, workspace)

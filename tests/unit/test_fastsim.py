@@ -1,0 +1,359 @@
+"""fastsim: hand-checked scenarios, properties and input validation (both implementations)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from block_sgl import _fastsim, _fastsim_py
+from block_sgl import fastsim as fs
+from block_sgl.fastsim import (Candidate, InstanceConfig, InstanceState, Prediction,
+                               RequestTable, predict, predict_many)
+from block_sgl.predictor.step_model import DEFAULT_H100_LLAMA2_7B as M
+from block_sgl.predictor.step_model import StepModel
+
+IMPLS = {"compiled": _fastsim, "python": _fastsim_py}
+CFG = InstanceConfig(max_total_num_tokens=200_000, max_running_requests=64,
+                     chunked_prefill_size=8192, max_prefill_tokens=16384)
+EMPTY = RequestTable.empty()
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def sim(request):
+    kernel = IMPLS[request.param]
+
+    def run(state, cand, model=M, step_by_step=False):
+        return Prediction(*kernel.simulate(*state.arrays, model.as_array(), cand.packed, None,
+                                           step_by_step))
+    return run
+
+
+def idle(cfg=CFG, **kw):
+    return InstanceState(cfg, EMPTY, EMPTY, free_kv_tokens=cfg.max_total_num_tokens, **kw)
+
+
+def prefill_time(extend, prefix=0):
+    return M.step_time(extend, extend * (prefix + (extend + 1) / 2.0), 0, 0)
+
+
+def decode_time(bs, ctx):
+    return M.step_time(0, 0.0, bs, ctx)
+
+
+def rows(n, inp=1000, pre=0, out=0, max_new=512, ieos=0, pred=100):
+    return RequestTable.from_rows([(inp, pre, out, max_new, ieos, pred)] * n)
+
+
+# ------------------------------------------------------------------------- hand-checked
+def test_idle_instance_ttft_is_one_prefill_step(sim):
+    p = sim(idle(), Candidate(1000, 0, 10, 100))
+    assert p.ttft_s == prefill_time(1000)
+    assert p.queue_s == 0.0
+    e2e = p.ttft_s + sum(decode_time(1, 1000 + out) for out in range(1, 10))
+    assert p.e2e_s == pytest.approx(e2e, rel=1e-12)
+
+
+def test_single_token_output_finishes_at_ttft(sim):
+    p = sim(idle(), Candidate(500, 0, 1, 100))
+    assert p.e2e_s == p.ttft_s == prefill_time(500)
+
+
+def test_output_capped_by_max_new_tokens(sim):
+    long = sim(idle(), Candidate(500, 0, 1000, 20))
+    exact = sim(idle(), Candidate(500, 0, 20, 20))
+    assert long == exact
+
+
+def test_cached_prefix_lowers_ttft(sim):
+    cold = sim(idle(), Candidate(1000, 0, 10, 100))
+    warm = sim(idle(), Candidate(1000, 600, 10, 100))
+    assert warm.ttft_s == prefill_time(400, 600)
+    assert warm.ttft_s < cold.ttft_s
+    # a full match still recomputes the last token (Req._compute_max_prefix_len)
+    assert sim(idle(), Candidate(1000, 1000, 1, 100)).ttft_s == prefill_time(1, 999)
+
+
+def test_long_prompt_is_chunked(sim):
+    cfg = InstanceConfig(max_total_num_tokens=200_000, max_running_requests=64,
+                         chunked_prefill_size=2048)
+    p = sim(idle(cfg), Candidate(5000, 0, 5, 100))
+    chunks = [(2048, 0), (2048, 2048), (904, 4096)]
+    assert p.ttft_s == pytest.approx(sum(prefill_time(e, pre) for e, pre in chunks), rel=1e-12)
+    assert p.queue_s == 0.0
+
+
+def test_chunked_request_in_progress_goes_first(sim):
+    cfg = InstanceConfig(max_total_num_tokens=200_000, max_running_requests=64,
+                         chunked_prefill_size=2048)
+    waiting = RequestTable.from_rows([(10000, 0, 0, 100, 0, 10)])
+    state = InstanceState(cfg, EMPTY, waiting, free_kv_tokens=190_000, chunked_idx=0,
+                          chunked_prefilled=4096)
+    p = sim(state, Candidate(1000, 0, 5, 100))
+    t1 = prefill_time(2048, 4096)
+    t2 = prefill_time(2048, 6144)
+    # last chunk (1808) + the candidate's first chunk (the 240 tokens left in the budget)
+    pairs3 = 1808 * (8192 + 1809 / 2.0) + 240 * (0 + 241 / 2.0)
+    t3 = M.step_time(2048, pairs3, 0, 0)
+    t4 = prefill_time(760, 240)  # the chunked candidate goes first; the other request waits
+    assert p.queue_s == pytest.approx(t1 + t2, rel=1e-12)
+    assert p.ttft_s == pytest.approx(t1 + t2 + t3 + t4, rel=1e-12)
+
+
+def test_long_queue_delays_the_candidate(sim):
+    cand = Candidate(1000, 0, 10, 512)
+    ttfts = []
+    for n in (0, 4, 16, 40):
+        state = InstanceState(CFG, EMPTY, rows(n, inp=2000), free_kv_tokens=200_000)
+        ttfts.append(sim(state, cand).ttft_s)
+    assert ttfts == sorted(ttfts) and ttfts[0] < ttfts[-1]
+    # 4 x 2000 waiting fill 8000 of the 8192-token chunk; the candidate takes the other 192
+    # as THE chunked request and finishes alone in the next step (no mixed decode)
+    state = InstanceState(CFG, EMPTY, rows(4, inp=2000), free_kv_tokens=200_000)
+    p = sim(state, cand)
+    pairs = 4 * (2000 * (0 + 2001 / 2.0)) + 192 * (0 + 193 / 2.0)
+    assert p.queue_s == 0.0
+    assert p.ttft_s == pytest.approx(M.step_time(8192, pairs, 0, 0) + prefill_time(808, 192),
+                                     rel=1e-12)
+
+
+def test_kv_nearly_full_waits_for_a_completion(sim):
+    cfg = InstanceConfig(max_total_num_tokens=2000, max_running_requests=64)
+    running = RequestTable.from_rows([(100, 0, 1, 100, 0, 51)])
+    state = InstanceState(cfg, running, EMPTY, free_kv_tokens=600)
+    # needs 500 + 100 + 1 < 600 - 0.7 * 99: no; it fits once the running request frees its KV
+    p = sim(state, Candidate(500, 0, 10, 100))
+    wait = sum(decode_time(1, 101 + j) for j in range(50))
+    assert p.queue_s == pytest.approx(wait, rel=1e-12)
+    assert p.ttft_s == pytest.approx(wait + prefill_time(500), rel=1e-12)
+    roomy = sim(InstanceState(cfg, running, EMPTY, free_kv_tokens=1900),
+                Candidate(500, 0, 10, 100))
+    assert roomy.queue_s == 0.0
+
+
+def test_max_running_requests_waits_for_a_completion(sim):
+    cfg = InstanceConfig(max_total_num_tokens=200_000, max_running_requests=4)
+    running = RequestTable.from_rows([(100, 0, 1, 100, 0, 11)] * 4)
+    p = sim(InstanceState(cfg, running, EMPTY, free_kv_tokens=190_000),
+            Candidate(1000, 0, 3, 100))
+    wait = sum(decode_time(4, 4 * (101 + j)) for j in range(10))
+    assert p.queue_s == pytest.approx(wait, rel=1e-12)
+    assert p.ttft_s == pytest.approx(wait + prefill_time(1000), rel=1e-12)
+
+
+def test_decode_batch_slows_the_candidates_decode(sim):
+    running = RequestTable.from_rows([(2000, 0, 1, 1000, 0, 900)] * 32)
+    busy = sim(InstanceState(CFG, running, EMPTY, free_kv_tokens=100_000),
+               Candidate(1000, 0, 50, 100))
+    alone = sim(idle(), Candidate(1000, 0, 50, 100))
+    assert busy.e2e_s - busy.ttft_s > alone.e2e_s - alone.ttft_s
+
+
+def test_pending_requests_queue_before_the_candidate(sim):
+    base = InstanceState(CFG, EMPTY, rows(2), free_kv_tokens=200_000)
+    more = base.with_pending(rows(30, inp=3000))
+    cand = Candidate(1000, 0, 10, 512)
+    assert sim(more, cand).ttft_s > sim(base, cand).ttft_s
+
+
+def test_elapsed_time_in_the_current_step(sim):
+    cand = Candidate(1000, 0, 10, 100)
+    assert sim(idle(elapsed_s=0.5), cand) == sim(idle(), cand)  # nothing was in flight
+    running = RequestTable.from_rows([(100, 0, 1, 100, 0, 50)])
+    state = InstanceState(CFG, running, EMPTY, free_kv_tokens=190_000)
+    first = decode_time(1, 101)
+    later = sim(dataclasses.replace(state, elapsed_s=0.002), cand)
+    now = sim(state, cand)
+    # the in-flight decode step runs without the candidate, 2 ms of it already done
+    assert later.queue_s == pytest.approx(first - 0.002, rel=1e-9)
+    assert now.queue_s == 0.0
+
+
+def test_lpm_serves_the_longest_prefix_first(sim):
+    waiting = rows(10, inp=3000)
+    cand = Candidate(3000, 2900, 10, 512)
+    fcfs = InstanceConfig(max_total_num_tokens=200_000, max_running_requests=64,
+                          chunked_prefill_size=4096)
+    lpm = dataclasses.replace(fcfs, schedule_policy="lpm")
+    assert sim(InstanceState(fcfs, EMPTY, waiting, free_kv_tokens=200_000), cand).queue_s > 0
+    assert sim(InstanceState(lpm, EMPTY, waiting, free_kv_tokens=200_000), cand).queue_s == 0
+
+
+def test_retraction_under_kv_pressure_is_finite(sim):
+    cfg = InstanceConfig(max_total_num_tokens=6000, max_running_requests=64)
+    running = RequestTable.from_rows([(400, 0, 1, 2000, 1, 1500)] * 10)
+    state = InstanceState(cfg, running, EMPTY, free_kv_tokens=1900)
+    p = sim(state, Candidate(300, 0, 20, 100))
+    assert math.isfinite(p.e2e_s) and p.ttft_s <= p.e2e_s
+    assert sim(state, Candidate(300, 0, 20, 100), step_by_step=True) == pytest.approx(p)
+
+
+def test_request_larger_than_the_pool_never_runs(sim):
+    cfg = InstanceConfig(max_total_num_tokens=1000, max_running_requests=64)
+    p = sim(InstanceState(cfg, EMPTY, EMPTY, free_kv_tokens=1000), Candidate(5000, 0, 5, 10))
+    assert p == (math.inf, math.inf, math.inf)
+
+
+def test_jumps_match_step_by_step(sim):
+    rng = np.random.default_rng(3)
+    running = RequestTable(rng.integers(10, 3000, 40), np.zeros(40), rng.integers(1, 50, 40),
+                           np.full(40, 800), rng.integers(0, 2, 40), rng.integers(1, 700, 40))
+    waiting = RequestTable(rng.integers(10, 3000, 20), np.zeros(20), np.zeros(20),
+                           np.full(20, 800), np.zeros(20), rng.integers(1, 700, 20))
+    state = InstanceState(CFG, running, waiting, free_kv_tokens=120_000, new_token_ratio=0.4)
+    cand = Candidate(1500, 100, 300, 800)
+    assert sim(state, cand) == pytest.approx(sim(state, cand, step_by_step=True), rel=1e-9)
+
+
+# ------------------------------------------------------------------------- properties
+req = st.tuples(st.integers(1, 1500), st.integers(0, 1), st.integers(1, 400),
+                st.integers(0, 1), st.integers(1, 500))
+
+
+def _table(reqs, running):
+    out = []
+    for inp, has_pre, mx, ieos, pred in reqs:
+        o = min(pred, mx) // 2 if running else 0
+        out.append((inp, inp // 2 * has_pre, o, mx, ieos, pred))
+    return RequestTable.from_rows(out)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(run=st.lists(req, max_size=12), wait=st.lists(req, max_size=8), extra=req,
+       cand=req, max_running=st.integers(1, 16), chunk=st.sampled_from([-1, 256, 2048]))
+def test_more_queued_work_never_lowers_ttft(run, wait, extra, cand, max_running, chunk):
+    cfg = InstanceConfig(max_total_num_tokens=100_000, max_running_requests=max_running,
+                         chunked_prefill_size=chunk)
+    c = Candidate(cand[0], cand[0] // 3, cand[4], cand[2])
+    base = InstanceState(cfg, _table(run, True), _table(wait, False), free_kv_tokens=80_000)
+    more = base.with_pending(_table([extra], False))
+    assert predict(more, c, M).ttft_s >= predict(base, c, M).ttft_s
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(run=st.lists(req, max_size=12), wait=st.lists(req, max_size=8), cand=req,
+       more=st.integers(1, 300), free=st.integers(500, 40_000), max_running=st.integers(1, 16))
+def test_longer_output_never_lowers_e2e(run, wait, cand, more, free, max_running):
+    cfg = InstanceConfig(max_total_num_tokens=40_000, max_running_requests=max_running,
+                         chunked_prefill_size=1024)
+    state = InstanceState(cfg, _table(run, True), _table(wait, False), free_kv_tokens=free)
+    short = predict(state, Candidate(cand[0], 0, cand[4], 1000), M)
+    long = predict(state, Candidate(cand[0], 0, cand[4] + more, 1000), M)
+    assert long.e2e_s >= short.e2e_s
+    assert long.ttft_s == short.ttft_s
+
+
+# ------------------------------------------------------------------------- API
+def test_predict_many_matches_predict():
+    states = [idle(), InstanceState(CFG, rows(8, out=3), rows(5), free_kv_tokens=150_000)]
+    cands = [Candidate(1000, 0, 10, 100), Candidate(1000, 500, 10, 100)]
+    out = predict_many(states, cands, M)
+    assert out.shape == (2, 3)
+    for i in range(2):
+        assert tuple(out[i]) == predict(states[i], cands[i], M)
+    assert np.array_equal(predict_many(states, cands[0], [M, M]),
+                          predict_many(states, cands[0], M.as_array()))
+    with pytest.raises(ValueError, match="candidates"):
+        predict_many(states, cands[:1], M)
+
+
+def test_workspace_reuse_gives_the_same_answer():
+    ws = fs.new_workspace()
+    state = InstanceState(CFG, rows(30, out=3), rows(10), free_kv_tokens=150_000)
+    big = InstanceState(CFG, rows(200, out=3), rows(100), free_kv_tokens=150_000)
+    c = Candidate(1000, 0, 10, 100)
+    first = predict(state, c, M, workspace=ws)
+    predict(big, c, M, workspace=ws)
+    assert predict(state, c, M, workspace=ws) == first == predict(state, c, M)
+
+
+def test_compiled_kernel_is_selected():
+    if os.environ.get("BLOCK_SGL_FASTSIM_PURE") == "1":
+        pytest.skip("the pure-Python twin was requested")
+    assert fs.implementation() == "compiled"
+
+
+def test_env_var_selects_the_twin():
+    code = "import block_sgl.fastsim as f; print(f.implementation())"
+    env = dict(os.environ, BLOCK_SGL_FASTSIM_PURE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "python"
+
+
+def test_missing_extension_is_an_import_error(monkeypatch):
+    monkeypatch.delenv("BLOCK_SGL_FASTSIM_PURE", raising=False)
+    monkeypatch.setitem(sys.modules, "block_sgl._fastsim", None)  # import fails
+    monkeypatch.delattr(importlib.import_module("block_sgl"), "_fastsim")
+    monkeypatch.delitem(sys.modules, "block_sgl.fastsim")
+    with pytest.raises(ImportError, match="not built"):
+        importlib.import_module("block_sgl.fastsim")
+    monkeypatch.undo()
+    importlib.import_module("block_sgl.fastsim")
+
+
+# ------------------------------------------------------------------------- bad input
+def _kernel_args(state=None, cand=None, coeffs=None):
+    state = state or InstanceState(CFG, rows(2, out=1), rows(2), free_kv_tokens=150_000)
+    cand = Candidate(100, 0, 5, 10) if cand is None else cand
+    coeffs = M.as_array() if coeffs is None else coeffs
+    return [*(a.copy() for a in state.arrays), coeffs, cand.packed.copy()]
+
+
+def _set(args, idx, pos, value):
+    args[idx][pos] = value
+    return args
+
+
+BAD = {
+    "running.prefix_len": lambda a: _set(a, 0, (1, 0), 5000),
+    "waiting.input_len": lambda a: _set(a, 1, (0, 1), 0),
+    "running.output_len": lambda a: _set(a, 0, (2, 1), -3),
+    "waiting.max_new_tokens": lambda a: _set(a, 1, (3, 0), 0),
+    "running.ignore_eos": lambda a: _set(a, 0, (4, 0), 2),
+    "pending.pred_output_len": lambda a: [*a[:2], np.array([[5], [0], [0], [5], [0], [0]]),
+                                          *a[3:]],
+    "max_new_tokens = ": lambda a: _set(a, 0, (2, 0), 999),
+    "per_token_s": lambda a: _set(a, 5, 1, np.nan),
+    "knee_tokens": lambda a: _set(a, 5, 2, -1.0),
+    "new_token_ratio": lambda a: _set(a, 4, 0, 1.5),
+    "elapsed_s": lambda a: _set(a, 4, 4, -0.1),
+    "page_size": lambda a: _set(a, 3, 0, 0),
+    "exceeds max_total_num_tokens": lambda a: _set(a, 3, 2, 10**9),
+    "chunked_idx": lambda a: _set(a, 3, 8, 7),
+    "chunked_prefilled": lambda a: _set(_set(a, 3, 8, 0), 3, 9, 99999),
+    "schedule_policy": lambda a: _set(a, 3, 7, 5),
+    "candidate.prefix_len": lambda a: _set(a, 6, 1, 101),
+    "candidate.pred_output_len": lambda a: _set(a, 6, 2, 0),
+    "candidate.max_new_tokens": lambda a: _set(a, 6, 3, -1),
+}
+
+
+@pytest.mark.parametrize("field", sorted(BAD))
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_bad_input_names_the_field(impl, field):
+    args = BAD[field](_kernel_args())
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        IMPLS[impl].simulate(*args)
+
+
+def test_bad_arrays_at_the_edge():
+    args = _kernel_args()
+    with pytest.raises(ValueError, match="running must be"):
+        _fastsim.simulate(args[0].astype(np.int32), *args[1:])
+    with pytest.raises(ValueError, match="step model coefficients"):
+        _fastsim.simulate(*args[:5], np.zeros(4), args[6])
+    with pytest.raises(ValueError, match="prefix_len has 1 entries"):
+        RequestTable(np.ones(2), np.ones(1), np.ones(2), np.ones(2), np.ones(2), np.ones(2))
+    with pytest.raises(ValueError, match="per_token_s"):
+        StepModel(1e-3, float("nan"), 1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="schedule_policy"):
+        InstanceConfig(max_total_num_tokens=10, max_running_requests=1, schedule_policy="lof")
