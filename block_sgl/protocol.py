@@ -74,6 +74,9 @@ class Snapshot(msgspec.Struct, tag="snapshot", kw_only=True):
     running: RequestColumns
     waiting: RequestColumns
     chunked_rid: str | None = None
+    chunked: RequestColumns = msgspec.field(default_factory=RequestColumns)
+    """The request in the middle of a chunked prefill (0 or 1 entries; SGLang keeps it outside
+    both the running batch and the waiting queue)."""
     chunked_done_tokens: int = 0
     """Prompt tokens of the chunked request already prefilled (its KV is allocated)."""
     free_tokens: int

@@ -12,7 +12,8 @@ scheduler's own work between two forwards (batch bookkeeping, sampling, detokeni
 a few ms here) would add to every step. So when a forward starts less than
 ``MAX_OVERHEAD_GAP_S`` after the previous one ended, that gap is counted as part of the emulated
 step (the sleep is shortened by it, never below zero): the busy cadence then matches the profile.
-A longer gap is idle time, not overhead, and is not compensated.
+A longer gap, or any gap in which the scheduler went idle (an AFTER hook on
+``Scheduler.on_idle`` resets the chain), is idle time, not overhead, and is not compensated.
 
 The step's shape is read from the ``ForwardBatch`` SGLang hands the model runner
 (``sglang/srt/model_executor/forward_batch_info.py``): for EXTEND (and MIXED) batches
@@ -33,6 +34,7 @@ from block_sgl.predictor.gpu_profiles import GpuStepProfile, StepShape
 logger = logging.getLogger(__name__)
 
 MODEL_RUNNER_FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
+SCHEDULER_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 
 
 def step_shape(forward_batch) -> StepShape:
@@ -68,6 +70,10 @@ class StepEmulator:
         with self._lock:
             return self.profile.sample_seconds(shape, self._rng) * self.time_scale
 
+    def after_scheduler_idle(self, result, *args, **kwargs):
+        self._previous_end = None  # the next forward starts a new busy stretch
+        return None
+
     def around_forward(self, original, runner, forward_batch, *args, **kwargs):
         start = time.perf_counter()
         out = original(runner, forward_batch, *args, **kwargs)
@@ -91,4 +97,5 @@ def install(settings) -> StepEmulator:
     emulator = StepEmulator(GpuStepProfile.load(settings.emulate), settings.time_scale,
                             settings.emulate_seed)
     HookRegistry.register(MODEL_RUNNER_FORWARD, emulator.around_forward, HookType.AROUND)
+    HookRegistry.register(SCHEDULER_ON_IDLE, emulator.after_scheduler_idle, HookType.AFTER)
     return emulator

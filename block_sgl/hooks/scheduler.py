@@ -5,7 +5,9 @@ Hook targets (``sglang/srt/managers/scheduler.py``, class ``Scheduler``):
   at the configured port + DP rank and send Hello;
 * ``run_batch`` BEFORE: remember when the step started;
 * ``process_batch_result`` AFTER: a StepRecord for the step (batched), and a Snapshot at most
-  every ``snapshot_interval_ms``;
+  every ``snapshot_interval_ms``. A step's duration is its cadence: from the end of the
+  previous step (back to back) or from ``run_batch`` (after idle) to the end of this one — what
+  a busy instance really spends per step, scheduler CPU work included, and what fastsim sums;
 * ``on_idle`` AFTER: a Heartbeat and a Snapshot every ``heartbeat_interval_ms``.
 Radix-cache events come through SGLang's own KV-event path: block_sgl registers an
 ``EventPublisher`` named ``block_sgl`` and sets ``--kv-events-config`` to it, so cache events enter
@@ -88,6 +90,7 @@ class SchedulerTap:
         self._heartbeat_interval = settings.heartbeat_interval_ms / 1e3
         self._last_snapshot = 0.0
         self._step_started: float | None = None
+        self._previous_step_end: float | None = None
         self._steps = p.StepRecords(instance_id="")
         self._steps_total = 0
         self.errors = 0
@@ -173,6 +176,7 @@ class SchedulerTap:
     def after_on_idle(self, result, scheduler, *args, **kwargs):
         if self.publisher is None:
             return None
+        self._previous_step_end = None  # idle: the next step does not follow back to back
         try:
             now = time.perf_counter()
             if now - self._last_snapshot >= self._heartbeat_interval:
@@ -186,8 +190,9 @@ class SchedulerTap:
     def _record_step(self, batch, now: float) -> None:
         s = self._steps
         mode = batch.forward_mode
-        started = self._step_started if self._step_started is not None else now
+        started = self._previous_step_end or self._step_started or now
         self._step_started = None
+        self._previous_step_end = now
         reqs = len(batch.reqs)
         if mode.is_decode():
             extend, prefix, pairs, decode_reqs = 0, 0, 0.0, reqs
@@ -232,6 +237,7 @@ class SchedulerTap:
             instance_id=self.instance_id, time=time.time(), forward_ct=int(scheduler.forward_ct),
             running=_columns(running), waiting=_columns(scheduler.waiting_queue),
             chunked_rid=chunked.rid if chunked is not None else None,
+            chunked=_columns([chunked] if chunked is not None else []),
             chunked_done_tokens=int(chunked.prefix_len) if chunked is not None else 0,
             free_tokens=int(scheduler.token_to_kv_pool_allocator.available_size()),
             evictable_tokens=int(scheduler.tree_cache.evictable_size()),

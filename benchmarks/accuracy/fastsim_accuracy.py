@@ -1,0 +1,174 @@
+"""fastsim's accuracy against real SGLang (CPU test bed, emulated GPU timing).
+
+1. Start one SGLang instance (tiny model, H100 + Llama-2-7B speed emulated with the profile's
+   real variability, time scale 8 by default) publishing its block_sgl stream.
+2. Calibrate: drive the profiling grid and fit the step model to the instance's own step
+   records (``block_sgl.predictor.profile``) — not copied from the emulator's profile. Measure
+   the client-side overhead (HTTP, tokenisation, detokenisation) of a tiny request at idle.
+3. Replay a bursty workload (gamma inter-arrivals, CV 3; lognormal prompt/output lengths; a
+   third of the prompts share a 512-token system prompt). At every arrival, predict the request's
+   TTFT and E2E with fastsim from the instance's latest snapshot plus the requests sent but not
+   yet visible in it, using the TRUE output lengths, then send it (streaming) and measure.
+4. Report MAPE and P90 absolute error of TTFT and E2E.
+
+    .venv/bin/python benchmarks/accuracy/fastsim_accuracy.py [--requests 120] [--rate 1.5] [--time-scale 8] [--seed 0]
+
+Results: benchmarks/results/fastsim_accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from block_sgl import fastsim
+from block_sgl.page_hash import page_hashes
+from block_sgl.predictor import perf_model
+from block_sgl.predictor.profile import ProfileGrid, profile
+from block_sgl.router.ingest import StreamSubscriber
+from block_sgl.router.prefix_index import PrefixIndex
+from block_sgl.router.state import instance_config, instance_state
+from block_sgl.testing.cluster import ClusterConfig, LocalCluster, free_port
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "fastsim_accuracy.json"
+PROFILE = "h100-llama2-7b"
+
+
+def workload(n: int, rate: float, seed: int):
+    rng = np.random.default_rng(seed)
+    gaps = rng.gamma(shape=1 / 9, scale=9 / rate, size=n)  # CV 3: bursts and lulls
+    system = rng.integers(100, 20000, size=512).tolist()
+    reqs = []
+    for i in range(n):
+        inp = int(np.clip(rng.lognormal(np.log(500), 0.8), 32, 3000))
+        out = int(np.clip(rng.lognormal(np.log(100), 0.7), 8, 400))
+        body = rng.integers(100, 20000, size=inp).tolist()
+        ids = (system + body) if rng.random() < 1 / 3 else body
+        reqs.append({"rid": f"acc-{seed}-{i}", "ids": ids, "out": out, "gap": float(gaps[i])})
+    return reqs
+
+
+def stream_generate(url: str, rid: str, ids: list[int], out: int, result: dict) -> None:
+    body = json.dumps({"rid": rid, "input_ids": ids, "stream": True, "sampling_params": {
+        "max_new_tokens": out, "ignore_eos": True, "temperature": 0}}).encode()
+    req = urllib.request.Request(f"{url}/generate", data=body, headers={"content-type": "application/json"})
+    start = time.perf_counter()
+    first = None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b"data:") and first is None:
+                first = time.perf_counter()
+    result.update(ttft=first - start, e2e=time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=120, help="requests in the replay")
+    ap.add_argument("--rate", type=float, default=1.5, help="mean arrival rate (req/s)")
+    ap.add_argument("--time-scale", type=float, default=8.0,
+                    help="emulated-time stretch; the tiny model's real CPU cost (~1 ms per "
+                         "decoding request per step) must stay below the emulated step time")
+    ap.add_argument("--seed", type=int, default=0, help="workload seed")
+    args = ap.parse_args()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = ClusterConfig(instances=1, emulate=PROFILE, time_scale=args.time_scale,
+                           env=(("BLOCK_SGL_PUBLISH", endpoint),))
+    index = PrefixIndex()
+    with LocalCluster(config) as cluster:
+        url = cluster.urls[0]
+        print("calibrating the step model from the instance's step records ...", flush=True)
+        doc = profile(url, endpoint, ProfileGrid(repeats=1), seed=args.seed + 1)
+        step_model = perf_model.model_from_json(doc).as_array()
+        sub = StreamSubscriber([endpoint], on_cache_event=index.apply)
+        sub.start()
+        assert sub.wait_until(lambda s: not s.stale(), 30), sub.errors
+        state = sub.states[endpoint]
+        cfg = instance_config(state.hello)
+        page = state.hello.page_size
+        urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST")).read()
+        sub.wait_until(lambda s: index.size(endpoint) == 0, 10)
+
+        # Client-side overhead: tiny requests at idle, measured minus predicted.
+        overhead = []
+        for k in range(5):
+            time.sleep(0.3)
+            snap = state.snapshot
+            ids = list(range(1000 + 40 * k, 1032 + 40 * k))
+            pred = fastsim.predict(instance_state(cfg, snap, lambda *a: 1),
+                                   fastsim.Candidate(len(ids), 0, 4, 4, True), step_model)
+            res = {}
+            stream_generate(url, f"cal-{k}", ids, 4, res)
+            overhead.append((res["ttft"] - pred.ttft_s, res["e2e"] - pred.e2e_s))
+        ttft_overhead = float(np.median([o[0] for o in overhead]))
+        e2e_overhead = float(np.median([o[1] for o in overhead]))
+
+        reqs = workload(args.requests, args.rate, args.seed)
+        true_out = {r["rid"]: r["out"] for r in reqs}
+        sent: dict[str, dict] = {}
+        results: dict[str, dict] = {}
+        threads = []
+        print(f"replaying {len(reqs)} requests at {args.rate} req/s (bursty) ...", flush=True)
+        t_next = time.perf_counter()
+        for r in reqs:
+            t_next += r["gap"]
+            time.sleep(max(0.0, t_next - time.perf_counter()))
+            snap = state.snapshot
+            visible = set(snap.running.rid) | set(snap.waiting.rid) | set(snap.chunked.rid)
+            for rid in visible & sent.keys():
+                sent[rid]["seen"] = True
+            # Sent but not yet in any snapshot (and not already finished): fastsim's "pending".
+            pending = [s for rid, s in sent.items() if not s["seen"] and "e2e" not in results[rid]]
+            st = instance_state(cfg, snap, lambda rid, i, m: true_out.get(rid, m))
+            if pending:
+                st = st.with_pending(fastsim.RequestTable.from_rows(
+                    [(s["input_len"], s["prefix"], 0, s["out"], 1, s["out"]) for s in pending]))
+            prefix = index.matched_pages(endpoint, page_hashes(r["ids"], page)) * page
+            pred = fastsim.predict(st, fastsim.Candidate(len(r["ids"]), prefix, r["out"], r["out"], True),
+                                   step_model)
+            results[r["rid"]] = {"pred_ttft": pred.ttft_s + ttft_overhead, "pred_e2e": pred.e2e_s + e2e_overhead,
+                                 "queue_len": len(snap.waiting), "running": len(snap.running)}
+            sent[r["rid"]] = {"input_len": len(r["ids"]), "prefix": prefix, "out": r["out"],
+                              "sent_at": time.time(), "seen": False}
+            t = threading.Thread(target=stream_generate, args=(url, r["rid"], r["ids"], r["out"],
+                                                               results[r["rid"]]))
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+        sub.stop()
+
+    rows = list(results.values())
+    out = {"machine": f"{platform.node()} {platform.machine()}", "profile": PROFILE,
+           "time_scale": args.time_scale, "requests": len(rows), "rate": args.rate, "seed": args.seed,
+           "ttft_overhead_s": ttft_overhead, "e2e_overhead_s": e2e_overhead,
+           "step_model": doc["coefficients"], "step_model_fit_error": doc["source"]["median_relative_error"],
+           "implementation": fastsim.implementation()}
+    for key in ("ttft", "e2e"):
+        pred = np.array([r[f"pred_{key}"] for r in rows])
+        obs = np.array([r[key] for r in rows])
+        err = np.abs(pred - obs)
+        out[f"{key}_mape"] = float(np.mean(err / obs))
+        out[f"{key}_median_signed_rel_err"] = float(np.median((pred - obs) / obs))
+        out[f"{key}_p90_abs_err_s"] = float(np.percentile(err, 90))
+        out[f"{key}_observed_p50_s"] = float(np.median(obs))
+        out[f"{key}_observed_p99_s"] = float(np.percentile(obs, 99))
+    out["per_request"] = rows
+    out["max_queue_seen"] = max(r["queue_len"] for r in rows)
+    out["max_running_seen"] = max(r["running"] for r in rows)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2))
+    print(f"TTFT MAPE {100 * out['ttft_mape']:.1f} % (P90 abs err {1e3 * out['ttft_p90_abs_err_s']:.0f} ms), "
+          f"E2E MAPE {100 * out['e2e_mape']:.1f} % (P90 abs err {1e3 * out['e2e_p90_abs_err_s']:.0f} ms); "
+          f"observed TTFT p50 {out['ttft_observed_p50_s']:.2f} s, max queue {out['max_queue_seen']}")
+    print(json.dumps({k: v for k, v in out.items() if k != "per_request"}))
+
+
+if __name__ == "__main__":
+    main()

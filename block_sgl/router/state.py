@@ -1,0 +1,53 @@
+"""From an instance's stream (Hello + Snapshot) to fastsim's ``InstanceState``.
+
+Requests whose real output length is unknown get a predicted total output length from a
+callable (the length model at the router; the true length in oracle runs and accuracy checks).
+SGLang keeps the chunked request outside both queues; fastsim wants it in the waiting table at
+``chunked_idx`` with its prefilled tokens, so it is put first.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from block_sgl import protocol as p
+from block_sgl.fastsim import InstanceConfig, InstanceState, RequestTable
+
+OutputLengthOracle = Callable[[str, int, int], int]
+"""(rid, input_len, max_new_tokens) → predicted total output length."""
+
+
+def instance_config(hello: p.Hello) -> InstanceConfig:
+    return InstanceConfig(
+        max_total_num_tokens=hello.max_total_num_tokens,
+        max_running_requests=hello.max_running_requests, page_size=hello.page_size,
+        chunked_prefill_size=hello.chunked_prefill_size, max_prefill_tokens=hello.max_prefill_tokens,
+        schedule_policy=hello.schedule_policy if hello.schedule_policy in ("fcfs", "lpm") else "fcfs")
+
+
+def request_table(cols: p.RequestColumns, predict_output: OutputLengthOracle) -> RequestTable:
+    if not len(cols):
+        return RequestTable.empty()
+    pred = [predict_output(r, i, m) for r, i, m in zip(cols.rid, cols.input_len, cols.max_new_tokens)]
+    prefix = np.minimum(np.asarray(cols.prefix_len), np.asarray(cols.input_len))
+    return RequestTable(np.asarray(cols.input_len), prefix, np.asarray(cols.output_len),
+                        np.asarray(cols.max_new_tokens), np.asarray(cols.ignore_eos), np.asarray(pred))
+
+
+def instance_state(config: InstanceConfig, snap: p.Snapshot, predict_output: OutputLengthOracle,
+                   now: float | None = None) -> InstanceState:
+    """fastsim's view of a snapshot; ``now`` (time.time()) sets how stale the snapshot is."""
+    waiting = request_table(snap.waiting, predict_output)
+    chunked_idx, prefilled = -1, 0
+    if len(snap.chunked):
+        waiting = request_table(snap.chunked, predict_output).concat(waiting)
+        chunked_idx, prefilled = 0, snap.chunked_done_tokens
+    elapsed = max(0.0, (time.time() if now is None else now) - snap.time)
+    return InstanceState(
+        config=config, running=request_table(snap.running, predict_output), waiting=waiting,
+        free_kv_tokens=snap.free_tokens, evictable_tokens=snap.evictable_tokens,
+        new_token_ratio=snap.new_token_ratio, chunked_idx=chunked_idx,
+        chunked_prefilled=prefilled, elapsed_s=min(elapsed, 1.0))
