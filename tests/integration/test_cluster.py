@@ -129,7 +129,8 @@ def test_stock_behaviour_without_block_sgl_settings_and_clean_stop(tmp_path, clu
         assert stock == hooked
         with urllib.request.urlopen(f"{c.urls[0]}/server_info", timeout=30) as r:
             assert json.loads(r.read())["kv_events_config"] is None
-        assert "block_sgl" not in c.instances[0].log_path.read_text()
+        log = c.instances[0].log_path.read_text()
+        assert "block_sgl publishing" not in log and "block_sgl:" not in log
         server = psutil.Process(c.instances[0].process.pid)
         tree = [server] + server.children(recursive=True)
         assert len(tree) >= 3  # http server + scheduler + detokenizer

@@ -1,0 +1,193 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from block_sgl.predictor.perf_model import (
+    STEP_MODEL_SCHEMA, OnlineCalibrator, StepRecord, StepRecords, fit, fit_profile,
+    load_step_model, model_from_json, model_to_json, predict_seconds, profile_records,
+    relative_errors, save_step_model)
+from block_sgl.predictor.step_model import DEFAULT_H100_LLAMA2_7B, StepModel
+
+FIELDS = ("prefill_tokens", "prefill_context_tokens", "decode_seqs", "decode_context_tokens",
+          "seconds")
+
+# Convergence bound of OnlineCalibrator after a hardware change: the change is detected at the
+# first refit after it (<= refit_every records), then a full fit needs min_fit_records records
+# of the new hardware: <= refit_every + min_fit_records steps.
+WINDOW, REFIT_EVERY, MIN_FIT = 512, 32, 96
+CONVERGENCE_BOUND = REFIT_EVERY + MIN_FIT
+
+
+@pytest.fixture(scope="module")
+def h100_train():
+    return profile_records("h100-llama2-7b", 1500, np.random.default_rng(1))
+
+
+@pytest.fixture(scope="module")
+def h100_heldout():
+    return profile_records("h100-llama2-7b", 1000, np.random.default_rng(2))
+
+
+def test_fit_predicts_held_out_sampled_step_times(h100_train, h100_heldout):
+    model = fit(h100_train)
+    err = relative_errors(model, h100_heldout)
+    assert np.median(err) <= 0.05
+    assert np.percentile(err, 90) <= 0.10
+
+
+def test_fit_other_profile_and_vectorised_prediction_matches_step_time():
+    train = profile_records("a100-llama3-8b", 1500, np.random.default_rng(3))
+    test = profile_records("a100-llama3-8b", 500, np.random.default_rng(4))
+    model = fit(train)
+    assert np.median(relative_errors(model, test)) <= 0.05
+    pred = predict_seconds(model, test)
+    for i in range(0, 500, 50):
+        assert pred[i] == pytest.approx(model.step_time(
+            test.prefill_tokens[i], test.prefill_context_tokens[i], test.decode_seqs[i],
+            test.decode_context_tokens[i]), rel=1e-12)
+
+
+def test_refit_of_profile_agrees_with_the_default_model():
+    model = fit_profile("h100-llama2-7b")
+    for name in ("const_s", "per_token_s", "per_prefill_pair_s", "per_decode_context_token_s"):
+        assert getattr(model, name) == pytest.approx(getattr(DEFAULT_H100_LLAMA2_7B, name),
+                                                     rel=0.05), name
+    shapes = profile_records("h100-llama2-7b", 1000, np.random.default_rng(7), noisy=False)
+    diff = np.abs(predict_seconds(model, shapes) / predict_seconds(DEFAULT_H100_LLAMA2_7B, shapes) - 1)
+    assert np.median(diff) < 0.02 and diff.max() < 0.10
+
+
+def test_fit_recovers_exact_coefficients_and_respects_nonnegativity():
+    truth = StepModel(4e-3, 2e-5, 128.0, 1.5e-9, 2e-7)
+    rng = np.random.default_rng(0)
+    n = 600
+    recs = dict(prefill_tokens=rng.integers(0, 4096, n).astype(float),
+                prefill_context_tokens=rng.uniform(0, 2e7, n),
+                decode_seqs=rng.integers(1, 200, n).astype(float),
+                decode_context_tokens=rng.uniform(0, 4e5, n))
+    recs["seconds"] = np.array([truth.step_time(*(recs[f][i] for f in FIELDS[:4]))
+                                for i in range(n)])
+    model = fit(StepRecords(**recs))
+    assert model.knee_tokens == pytest.approx(128.0, abs=2.0)
+    for name in ("const_s", "per_token_s", "per_prefill_pair_s", "per_decode_context_token_s"):
+        assert getattr(model, name) == pytest.approx(getattr(truth, name), rel=0.02), name
+    # a column that only hurts gets a zero, not a negative coefficient
+    recs["seconds"] = 5e-3 + 2e-7 * recs["decode_context_tokens"] - 1e-10 * recs["prefill_context_tokens"]
+    recs["seconds"] = np.maximum(recs["seconds"], 1e-3)
+    m2 = fit(StepRecords(**recs))
+    assert all(v >= 0 for v in m2.as_array())
+
+
+def test_fit_is_robust_to_outlier_steps(h100_train, h100_heldout):
+    secs = h100_train.seconds.copy()
+    secs[::25] *= 20.0  # 4 % of the steps hit a 20x stall (GC pause, preemption)
+    model = fit(StepRecords(h100_train.prefill_tokens, h100_train.prefill_context_tokens,
+                            h100_train.decode_seqs, h100_train.decode_context_tokens, secs))
+    assert np.median(relative_errors(model, h100_heldout)) <= 0.05
+
+
+def test_fit_accepts_record_objects():
+    recs = profile_records("h100-llama2-7b", 200, np.random.default_rng(5))
+    rows = [StepRecord(*(float(getattr(recs, f)[i]) for f in FIELDS)) for i in range(len(recs))]
+    assert fit(rows) == fit(recs)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_nan_names_the_field(field):
+    recs = {f: np.ones(5) for f in FIELDS}
+    recs[field] = np.array([1.0, 2.0, math.nan, 1.0, 1.0])
+    with pytest.raises(ValueError, match=field):
+        fit(StepRecords(**recs))
+
+
+def test_bad_input_raises_value_error_naming_the_field():
+    with pytest.raises(ValueError, match="empty"):
+        fit([])
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        StepRecords(*(np.array([]) for _ in FIELDS))
+    ones = {f: np.ones(3) for f in FIELDS}
+    with pytest.raises(ValueError, match="seconds"):
+        StepRecords(**{**ones, "seconds": np.array([1.0, 0.0, 1.0])})
+    with pytest.raises(ValueError, match="decode_context_tokens"):
+        StepRecords(**{**ones, "decode_context_tokens": np.array([1.0, -1.0, 1.0])})
+    with pytest.raises(ValueError, match="decode_seqs"):
+        StepRecords(**{**ones, "decode_seqs": np.ones(4)})
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        StepRecords(**{**ones, "prefill_tokens": np.zeros(3), "decode_seqs": np.zeros(3)})
+    with pytest.raises(ValueError, match="prefill_context_tokens"):
+        StepRecords(**{**ones, "prefill_context_tokens": ["a", "b", "c"]})
+
+
+def test_json_round_trip_and_errors(tmp_path):
+    path = tmp_path / "h100.json"
+    save_step_model(path, DEFAULT_H100_LLAMA2_7B, {"profile": "h100-llama2-7b"})
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == STEP_MODEL_SCHEMA and doc["source"] == {"profile": "h100-llama2-7b"}
+    assert set(doc["coefficients"]) == {"const_s", "per_token_s", "knee_tokens",
+                                        "per_prefill_pair_s", "per_decode_context_token_s"}
+    assert load_step_model(path) == DEFAULT_H100_LLAMA2_7B
+    assert model_from_json(model_to_json(DEFAULT_H100_LLAMA2_7B)) == DEFAULT_H100_LLAMA2_7B
+    bad = model_to_json(DEFAULT_H100_LLAMA2_7B)
+    del bad["coefficients"]["knee_tokens"]
+    with pytest.raises(ValueError, match="knee_tokens"):
+        model_from_json(bad)
+    with pytest.raises(ValueError, match="schema"):
+        model_from_json({**model_to_json(DEFAULT_H100_LLAMA2_7B), "schema": "other/9"})
+    bad = model_to_json(DEFAULT_H100_LLAMA2_7B)
+    bad["coefficients"]["const_s"] = -1.0
+    with pytest.raises(ValueError, match="const_s"):
+        model_from_json(bad)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_step_model(path)
+
+
+def _feed(cal, recs, on_refit=None):
+    for i in range(len(recs)):
+        if cal.observe(*(getattr(recs, f)[i] for f in FIELDS)) and on_refit:
+            on_refit(i + 1)
+
+
+@pytest.mark.parametrize("before,after,scale", [
+    ("h100-llama2-7b", "a100-llama3-8b", 1.0),   # new GPU and model
+    ("h100-llama2-7b", "h100-llama2-7b", 2.0),   # same profile, emulation time scale x2
+])
+def test_online_calibrator_converges_after_hardware_change(before, after, scale):
+    rng = np.random.default_rng(11)
+    cal = OnlineCalibrator(window=WINDOW, refit_every=REFIT_EVERY, min_fit_records=MIN_FIT)
+    old = profile_records(before, 600, rng)
+    _feed(cal, old)
+    assert np.median(relative_errors(cal.model, old)) <= 0.05
+    new = profile_records(after, 320, rng, time_scale=scale)
+    heldout = profile_records(after, 500, np.random.default_rng(12), time_scale=scale)
+    errors = {}
+    _feed(cal, new, lambda step: errors.__setitem__(
+        step, float(np.median(relative_errors(cal.model, heldout)))))
+    converged = [s for s, e in errors.items() if s >= CONVERGENCE_BOUND]
+    assert converged and all(errors[s] <= 0.05 for s in converged), errors
+    assert cal.drift_events >= 1
+
+
+def test_online_calibrator_is_stable_without_change_and_skips_bad_records():
+    rng = np.random.default_rng(21)
+    cal = OnlineCalibrator(DEFAULT_H100_LLAMA2_7B, window=WINDOW, refit_every=REFIT_EVERY,
+                           min_fit_records=MIN_FIT)
+    _feed(cal, profile_records("h100-llama2-7b", 400, rng))
+    assert cal.drift_events == 0 and cal.refits >= 3
+    assert not cal.observe(0, 0, 0, 0, 0.01)          # no tokens
+    assert not cal.observe(10, 55, 0, 0, math.nan)    # NaN time
+    assert cal.records_skipped == 2
+    heldout = profile_records("h100-llama2-7b", 300, rng)
+    assert np.median(relative_errors(cal.model, heldout)) <= 0.05
+
+
+def test_calibrator_prior_keeps_unseen_coefficients():
+    # a window with decode steps only cannot see the prefill coefficient: it stays near the prior
+    recs = profile_records("h100-llama2-7b", 600, np.random.default_rng(31))
+    decode = recs.subset(recs.prefill_tokens == 0)
+    m = fit(decode, prior=DEFAULT_H100_LLAMA2_7B)
+    assert m.per_prefill_pair_s == pytest.approx(DEFAULT_H100_LLAMA2_7B.per_prefill_pair_s, rel=0.05)
+    assert m.per_decode_context_token_s == pytest.approx(
+        DEFAULT_H100_LLAMA2_7B.per_decode_context_token_s, rel=0.05)
