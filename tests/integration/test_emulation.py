@@ -75,5 +75,6 @@ def test_step_durations_match_the_profile(cluster):
     report = {k: f"median {statistics.median(m for m, _ in v) * 1e3:.1f} ms vs "
                  f"{statistics.median(e for _, e in v) * 1e3:.1f} ms ({len(v)} steps)"
               for k, v in groups.items()}
+    print("emulation step durations:", report, {k: round(v, 4) for k, v in relative.items()})
     assert statistics.median(relative.values()) <= 0.10, report
     assert max(relative.values()) <= 0.25, report

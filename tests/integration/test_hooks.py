@@ -161,6 +161,10 @@ def test_sglang_flag_is_listed_in_help():
                          text=True, timeout=120, env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}).stdout
     for flag in ("--block-publish", "--block-strict", "--block-snapshot-interval-ms"):
         assert flag in out
+    wrapper = subprocess.run([sys.executable, "-m", "block_sgl.launch_server", "--help"],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1"})
+    assert wrapper.returncode == 0 and "--block-publish" in wrapper.stdout and "--model-path" in wrapper.stdout
 
 
 @pytest.fixture(scope="module")

@@ -48,3 +48,12 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [s.env for s in SETTINGS if s.env not in readme or s.flag not in readme]
     assert missing == []
+
+
+def test_dp_rank_publishes_on_port_plus_rank():
+    pytest.importorskip("zmq")
+    from block_sgl.hooks.scheduler import endpoints_for_rank
+
+    assert endpoints_for_rank("tcp://127.0.0.1:5600", 0) == ("tcp://127.0.0.1:5600", "tcp://127.0.0.1:6600")
+    assert endpoints_for_rank("tcp://127.0.0.1:5600", 3) == ("tcp://127.0.0.1:5603", "tcp://127.0.0.1:6603")
+    assert endpoints_for_rank("tcp://[::1]:5600", 1) == ("tcp://[::1]:5601", "tcp://[::1]:6601")
