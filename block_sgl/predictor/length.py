@@ -1,0 +1,457 @@
+"""Response-length prediction: an XGBoost quantile regressor (P50, P90) over prompt features.
+
+Model: one XGBoost booster with the quantile objective (``reg:quantileerror``,
+``quantile_alpha = [0.5, 0.9]``: one tree per quantile per round) on the features of
+``block_sgl.predictor.features``, trained on log(1 + output tokens) by default (quantiles are
+invariant under a monotone transform, and trees split the log scale more evenly).
+
+Inference does not call XGBoost: at load the booster's trees are compiled into complete binary
+trees stored level by level in numpy arrays (``TreeEnsemble``), and a prediction walks all trees
+at once, one vectorised step per level — about as many numpy calls as the trees are deep,
+whatever their number. XGBoost's own ``predict`` costs hundreds of µs per single row (thread
+pool, proxy DMatrix); this costs tens (see ``eval_length`` for the measured figure). Parity with
+``Booster.predict`` is a unit test.
+
+Saved model = a directory with ``model.ubj`` (the XGBoost booster, UBJSON) and
+``metadata.json`` (schema + version, feature config, tokenizer id, quantiles, target transform,
+training summary, sha256 of ``model.ubj``). ``LengthPredictor.load`` refuses (ValueError) a
+missing, corrupt or mismatched file with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from block_sgl.predictor.features import (GRAM_TARGETS, FeatureConfig, PromptFeaturizer,
+                                          normalize_prompt)
+
+LENGTH_MODEL_SCHEMA = "block_sgl.length_model"
+LENGTH_MODEL_VERSION = 1
+MODEL_FILE = "model.ubj"
+GRAMS_FILE = "gram_weights.npy"
+METADATA_FILE = "metadata.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthModelConfig:
+    """XGBoost training settings of the length model (saved in the model metadata)."""
+
+    rounds: int = 300
+    """Boosting rounds (each adds one tree per quantile)."""
+    max_depth: int = 6
+    learning_rate: float = 0.05
+    min_child_weight: float = 10.0
+    subsample: float = 0.8
+    colsample_bytree: float = 0.8
+    reg_lambda: float = 1.0
+    max_bin: int = 256
+    quantiles: tuple[float, float] = (0.5, 0.9)
+    """The two quantiles predicted (P50, P90)."""
+    log_target: bool = True
+    """Fit log(1 + tokens) instead of tokens."""
+    seed: int = 0
+    nthread: int = 2
+    """XGBoost threads; fixed so that training is reproducible."""
+    ridge_lambda: float = 1.0
+    """L2 penalty of the n-gram linear model behind the ``gram_score`` feature."""
+    ridge_folds: int = 5
+    """Folds of the out-of-fold ``gram_score`` of the training rows."""
+    ridge_iterations: int = 200
+    """Conjugate-gradient iterations (at most) per ridge fit."""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["quantiles"] = list(self.quantiles)
+        return d
+
+    def xgb_params(self) -> dict:
+        return {"objective": "reg:quantileerror",
+                "quantile_alpha": np.asarray(self.quantiles, dtype=np.float64),
+                "tree_method": "hist", "max_depth": self.max_depth, "eta": self.learning_rate,
+                "min_child_weight": self.min_child_weight, "subsample": self.subsample,
+                "colsample_bytree": self.colsample_bytree, "lambda": self.reg_lambda,
+                "max_bin": self.max_bin, "seed": self.seed, "nthread": self.nthread,
+                "verbosity": 0}
+
+
+class TreeEnsemble:
+    """An XGBoost tree ensemble compiled for fast single-row evaluation.
+
+    Every tree is padded to a complete binary tree of the ensemble's depth ``D`` (a leaf above
+    depth ``D`` becomes a chain of always-left nodes), and stored per level: ``feat[d]`` and
+    ``thr[d]`` are (trees * 2**d) arrays, ``leaf`` is (trees * 2**D). Routing follows XGBoost:
+    go left iff ``x[feature] < threshold`` (float32); inputs must not contain NaN.
+    """
+
+    def __init__(self, booster_json: dict):
+        try:
+            learner = booster_json["learner"]
+            model = learner["gradient_booster"]["model"]
+            trees, tree_info = model["trees"], [int(g) for g in model["tree_info"]]
+            n_groups = max(1, int(learner["learner_model_param"]["num_target"]),
+                           int(learner["learner_model_param"].get("num_class", 0)))
+            base = _parse_base_score(learner["learner_model_param"]["base_score"], n_groups)
+            self.n_features = int(learner["learner_model_param"]["num_feature"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not an XGBoost tree model: {e!r}") from None
+        if not trees:
+            raise ValueError("XGBoost model has no trees")
+        parsed = [_parse_tree(t) for t in trees]
+        depth = max(p[-1] for p in parsed)
+        n = len(parsed)
+        self.depth, self.n_trees, self.n_groups = depth, n, n_groups
+        self.feat = [np.zeros(n << d, dtype=np.intp) for d in range(depth)]
+        self.thr = [np.full(n << d, np.inf, dtype=np.float32) for d in range(depth)]
+        leaf = np.zeros(n << depth, dtype=np.float64)
+        for ti, (left, right, feat, thr, is_leaf, _) in enumerate(parsed):
+            stack = [(0, 0, 0)]  # (node id, depth, path)
+            while stack:
+                node, d, path = stack.pop()
+                if is_leaf[node]:
+                    span = 1 << (depth - d)
+                    start = (ti << depth) + (path << (depth - d))
+                    leaf[start:start + span] = thr[node]
+                    continue  # padding below a leaf keeps the default: feature 0, +inf → left
+                self.feat[d][(ti << d) + path] = feat[node]
+                self.thr[d][(ti << d) + path] = thr[node]
+                stack.append((left[node], d + 1, path << 1))
+                stack.append((right[node], d + 1, (path << 1) | 1))
+        if any(int(f.max(initial=0)) >= self.n_features for f in self.feat):
+            raise ValueError("XGBoost model splits on a feature beyond num_feature")
+        self.leaf = leaf
+        self.base = base
+        groups = np.asarray(tree_info, dtype=np.intp)
+        self.groups = groups
+        # trees interleaved by group (round r: group 0, group 1, ...) → a reshape sums them
+        self._interleaved = bool(n % n_groups == 0 and np.array_equal(
+            groups, np.tile(np.arange(n_groups), n // n_groups)))
+        self._offsets = [np.arange(n, dtype=np.intp) << d for d in range(depth + 1)]
+
+    def predict_margin(self, x: np.ndarray) -> np.ndarray:
+        """Raw outputs (n_groups,) of one float32 feature row."""
+        path = np.zeros(self.n_trees, dtype=np.intp)
+        for d in range(self.depth):
+            node = self._offsets[d] + path
+            path <<= 1
+            path += x.take(self.feat[d].take(node)) >= self.thr[d].take(node)
+        vals = self.leaf.take(self._offsets[self.depth] + path)
+        if self._interleaved:
+            return self.base + vals.reshape(-1, self.n_groups).sum(axis=0)
+        return self.base + np.bincount(self.groups, weights=vals, minlength=self.n_groups)
+
+    def predict_margin_batch(self, x: np.ndarray) -> np.ndarray:
+        """Raw outputs (n, n_groups) of a float32 feature matrix (n, n_features)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = x.shape[0]
+        path = np.zeros((n, self.n_trees), dtype=np.intp)
+        for d in range(self.depth):
+            node = self._offsets[d][None, :] + path
+            path <<= 1
+            path += np.take_along_axis(x, self.feat[d][node], axis=1) >= self.thr[d][node]
+        vals = self.leaf[self._offsets[self.depth][None, :] + path]
+        out = np.empty((n, self.n_groups))
+        for g in range(self.n_groups):
+            out[:, g] = vals[:, self.groups == g].sum(axis=1)
+        return out + self.base
+
+
+def _parse_base_score(value: Any, n_groups: int) -> np.ndarray:
+    if isinstance(value, str):
+        s = value.strip().strip("[]")
+        vals = [float(v) for v in s.split(",") if v.strip()]
+    else:
+        vals = [float(value)]
+    if len(vals) == 1:
+        vals = vals * n_groups
+    if len(vals) != n_groups:
+        raise ValueError(f"base_score has {len(vals)} values for {n_groups} outputs")
+    return np.asarray(vals, dtype=np.float64)
+
+
+def _parse_tree(tree: dict):
+    left = [int(v) for v in tree["left_children"]]
+    right = [int(v) for v in tree["right_children"]]
+    feat = [int(v) for v in tree["split_indices"]]
+    thr = np.asarray(tree["split_conditions"], dtype=np.float32).tolist()
+    is_leaf = [lc == -1 for lc in left]
+    if any(int(t) != 0 for t in tree.get("split_type", [])):
+        raise ValueError("categorical splits are not supported")
+    depth, stack = 0, [(0, 0)]
+    while stack:
+        node, d = stack.pop()
+        if not is_leaf[node]:
+            stack.append((left[node], d + 1))
+            stack.append((right[node], d + 1))
+        else:
+            depth = max(depth, d)
+    if depth > 12:
+        raise ValueError(f"tree depth {depth} too large for the compiled evaluator (max 12)")
+    return left, right, feat, thr, is_leaf, depth
+
+
+def fit_gram_ridge(vectors: Sequence[tuple[np.ndarray, np.ndarray]], target: np.ndarray,
+                   n_buckets: int, lam: float, iterations: int) -> np.ndarray:
+    """Ridge regression of ``target`` on sparse rows ``(indices, values)`` with an unpenalised
+    intercept, solved by conjugate gradient on the normal equations (numpy only). Returns
+    ``n_buckets + 1`` float32 values: the weights, then the intercept."""
+    n = len(vectors)
+    rows = np.concatenate([np.full(len(v[0]), i, dtype=np.int64) for i, v in enumerate(vectors)])
+    cols = np.concatenate([v[0] for v in vectors]).astype(np.int64)
+    vals = np.concatenate([v[1] for v in vectors]).astype(np.float64)
+    mu = float(np.mean(target))
+    b = np.asarray(target, dtype=np.float64) - mu
+
+    def normal(v: np.ndarray) -> np.ndarray:
+        xv = np.bincount(rows, weights=vals * v[cols], minlength=n)
+        return np.bincount(cols, weights=vals * xv[rows], minlength=n_buckets) + lam * v
+
+    rhs = np.bincount(cols, weights=vals * b[rows], minlength=n_buckets)
+    w = np.zeros(n_buckets)
+    r = rhs.copy()
+    p = r.copy()
+    rs = float(r @ r)
+    stop = 1e-10 * rs
+    for _ in range(iterations):
+        if rs <= stop:
+            break
+        ap = normal(p)
+        alpha = rs / float(p @ ap)
+        w += alpha * p
+        r -= alpha * ap
+        rs_new = float(r @ r)
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return np.append(w, mu).astype(np.float32)
+
+
+def _gram_predict(vectors, weights: np.ndarray) -> np.ndarray:
+    w, b = weights[:-1].astype(np.float64), float(weights[-1])
+    return np.array([b + float(w[i] @ v) for i, v in vectors])
+
+
+class LengthPredictor:
+    """Predicts (P50, P90) output tokens of a request from its prompt; see the module docstring.
+
+    Build with ``train_length_model`` or ``LengthPredictor.load``. Prediction keeps no state
+    between calls (safe from several threads).
+    """
+
+    def __init__(self, booster_raw: bytes, metadata: dict, gram_weights: np.ndarray | None):
+        import xgboost as xgb
+
+        self._raw = bytes(booster_raw)
+        self._metadata = json.loads(json.dumps(metadata))  # deep copy, JSON-clean
+        self._gram_weights = (None if gram_weights is None
+                              else np.asarray(gram_weights, dtype=np.float32).copy())
+        self.feature_config = FeatureConfig.from_dict(metadata["feature_config"])
+        if self.feature_config.gram_bits and self._gram_weights is None:
+            raise ValueError("the feature config has a gram_score but no gram weights were given")
+        self.featurizer = PromptFeaturizer(self.feature_config, self._gram_weights)
+        booster = xgb.Booster(model_file=bytearray(self._raw))
+        self.ensemble = TreeEnsemble(json.loads(booster.save_raw("json")))
+        if self.ensemble.n_features != self.featurizer.n_features:
+            raise ValueError(f"the booster expects {self.ensemble.n_features} features but the "
+                             f"feature config gives {self.featurizer.n_features}")
+        if self.ensemble.n_groups != 2:
+            raise ValueError(f"the booster has {self.ensemble.n_groups} outputs, expected 2 "
+                             "(P50, P90)")
+        self.quantiles = tuple(float(q) for q in metadata["quantiles"])
+        self.log_target = bool(metadata["log_target"])
+        self.max_output_tokens = float(metadata["max_output_tokens"])
+        self.tokens_per_char = float(metadata["tokens_per_char"])
+        self.tokenizer_id = str(metadata["tokenizer_id"])
+
+    @property
+    def metadata(self) -> dict:
+        return json.loads(json.dumps(self._metadata))
+
+    # -- prediction ---------------------------------------------------------------------------
+    def _tokens(self, prompt: Any, prompt_token_count: float | None) -> float:
+        if prompt_token_count is None:
+            return len(normalize_prompt(prompt)[0]) * self.tokens_per_char
+        return prompt_token_count
+
+    def _finish(self, margin: np.ndarray) -> np.ndarray:
+        out = np.expm1(margin) if self.log_target else np.asarray(margin, dtype=np.float64)
+        out = np.nan_to_num(out, nan=1.0, posinf=self.max_output_tokens, neginf=1.0)
+        out = np.clip(out, 1.0, self.max_output_tokens)
+        out[..., 1] = np.maximum(out[..., 1], out[..., 0])  # no quantile crossing
+        return out
+
+    def predict(self, prompt: Any, prompt_token_count: float | None = None) -> tuple[float, float]:
+        """(P50, P90) output tokens of one request.
+
+        ``prompt``: text, bytes, or a chat message list; ``prompt_token_count``: its length in
+        tokens of the served model's tokenizer (estimated from characters when None). Always
+        finite, within [1, the longest training response], P90 >= P50.
+        """
+        x = self.featurizer.transform_one(prompt, self._tokens(prompt, prompt_token_count))
+        p = self._finish(self.ensemble.predict_margin(x))
+        return float(p[0]), float(p[1])
+
+    def predict_batch(self, prompts: Sequence[Any],
+                      prompt_token_counts: Sequence[float | None] | None = None) -> np.ndarray:
+        """(n, 2) array of (P50, P90) for several requests (same values as ``predict``)."""
+        if prompt_token_counts is None:
+            prompt_token_counts = [None] * len(prompts)
+        if len(prompts) != len(prompt_token_counts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_token_counts)} token counts")
+        if len(prompts) == 0:
+            return np.zeros((0, 2))
+        tokens = [self._tokens(p, t) for p, t in zip(prompts, prompt_token_counts)]
+        x = self.featurizer.transform(prompts, tokens)
+        return self._finish(self.ensemble.predict_margin_batch(x))
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``model.ubj``, ``gram_weights.npy`` (if any) and ``metadata.json`` (last) into
+        the directory ``path`` (created if needed)."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = dict(self._metadata)
+        meta["model_sha256"] = hashlib.sha256(self._raw).hexdigest()
+        _atomic_write(d / MODEL_FILE, self._raw)
+        if self._gram_weights is not None:
+            buf = io.BytesIO()
+            np.save(buf, self._gram_weights, allow_pickle=False)
+            _atomic_write(d / GRAMS_FILE, buf.getvalue())
+            meta["gram_weights_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+        else:
+            meta.pop("gram_weights_sha256", None)
+        _atomic_write(d / METADATA_FILE,
+                      (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, tokenizer_id: str | None = None
+             ) -> "LengthPredictor":
+        """Load a saved model; ``tokenizer_id``, when given, must match the one it was trained
+        with. Raises ValueError naming the problem for a missing, corrupt or mismatched model."""
+        d = Path(path)
+        meta_path = d / METADATA_FILE
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{d}: not a length model directory (no {METADATA_FILE})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta_path}: corrupt length-model metadata ({e})") from None
+        if not isinstance(meta, dict) or meta.get("schema") != LENGTH_MODEL_SCHEMA:
+            got = meta.get("schema") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{meta_path}: schema {got!r} is not {LENGTH_MODEL_SCHEMA!r}")
+        if meta.get("version") != LENGTH_MODEL_VERSION:
+            raise ValueError(f"{meta_path}: length-model version {meta.get('version')!r} is not "
+                             f"supported (this block_sgl reads version {LENGTH_MODEL_VERSION}); "
+                             "retrain the model")
+        missing = [k for k in ("feature_config", "tokenizer_id", "quantiles", "log_target",
+                               "max_output_tokens", "tokens_per_char", "model_sha256")
+                   if k not in meta]
+        if missing:
+            raise ValueError(f"{meta_path}: metadata lacks {', '.join(missing)}")
+        if tokenizer_id is not None and meta["tokenizer_id"] != tokenizer_id:
+            raise ValueError(f"{d}: length model was trained with tokenizer "
+                             f"{meta['tokenizer_id']!r}, not {tokenizer_id!r}")
+        raw = _read_checked(d / MODEL_FILE, meta["model_sha256"])
+        weights = None
+        if "gram_weights_sha256" in meta:
+            data = _read_checked(d / GRAMS_FILE, meta["gram_weights_sha256"])
+            try:
+                weights = np.load(io.BytesIO(data), allow_pickle=False)
+            except ValueError as e:
+                raise ValueError(f"{d / GRAMS_FILE}: corrupt gram weights ({e})") from None
+        try:
+            return cls(raw, meta, weights)
+        except ValueError as e:
+            raise ValueError(f"{d}: invalid length model: {e}") from None
+        except Exception as e:  # xgboost.core.XGBoostError and friends
+            raise ValueError(f"{d}: corrupt length model: {e}") from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _read_checked(path: Path, sha256: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the length model ({e})") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path}: corrupt length model (sha256 does not match {METADATA_FILE})")
+    return data
+
+
+def train_length_model(prompts: Sequence[Any], prompt_token_counts: Sequence[float],
+                       output_tokens: Sequence[float], *, tokenizer_id: str,
+                       config: LengthModelConfig | None = None,
+                       feature_config: FeatureConfig | None = None,
+                       extra_metadata: dict | None = None, log=None) -> LengthPredictor:
+    """Train the length model on (prompt, prompt tokens) → output tokens.
+
+    Steps: features; the ``gram_score`` column of the training rows from ridge models fitted
+    on the other folds (out-of-fold, so the trees do not learn to trust an overfitted score);
+    a ridge fit on all rows for inference; then XGBoost. Deterministic for a given input,
+    config (seed, nthread) and XGBoost version.
+    """
+    import xgboost as xgb
+
+    config = config or LengthModelConfig()
+    feature_config = feature_config or FeatureConfig()
+    log = log or (lambda msg: None)
+    y = np.asarray(output_tokens, dtype=np.float64).reshape(-1)
+    tok = np.asarray(prompt_token_counts, dtype=np.float64).reshape(-1)
+    if not (len(prompts) == len(tok) == len(y)):
+        raise ValueError(f"prompts ({len(prompts)}), prompt_token_counts ({len(tok)}) and "
+                         f"output_tokens ({len(y)}) differ in length")
+    if len(y) < max(2, config.ridge_folds):
+        raise ValueError(f"output_tokens: need at least {max(2, config.ridge_folds)} examples")
+    for name, arr in (("output_tokens", y), ("prompt_token_counts", tok)):
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError(f"{name}: values must be finite and >= 0")
+    featurizer = PromptFeaturizer(feature_config)
+    x, vectors = featurizer.transform_with_grams(prompts, tok)
+    target = np.log1p(y) if config.log_target else y
+    weights = None
+    if featurizer.has_gram_score:
+        n_b = featurizer.n_gram_buckets
+        folds = np.random.default_rng(config.seed).permutation(len(y)) % config.ridge_folds
+        fold_rows = [(np.nonzero(folds != k)[0], np.nonzero(folds == k)[0])
+                     for k in range(config.ridge_folds)]
+        rows = []
+        for j, name in enumerate(feature_config.gram_targets):
+            t = GRAM_TARGETS[name](y)
+            col = featurizer.gram_score_start + j
+            for tr, te in fold_rows:
+                w = fit_gram_ridge([vectors[i] for i in tr], t[tr], n_b, config.ridge_lambda,
+                                   config.ridge_iterations)
+                x[te, col] = _gram_predict([vectors[i] for i in te], w)
+            rows.append(fit_gram_ridge(vectors, t, n_b, config.ridge_lambda,
+                                       config.ridge_iterations))
+            log(f"gram score {name!r} fitted")
+        weights = np.stack(rows)
+    booster = xgb.train(config.xgb_params(), xgb.DMatrix(x, label=target, nthread=config.nthread),
+                        num_boost_round=config.rounds)
+    chars = sum(len(normalize_prompt(p)[0]) for p in prompts)
+    meta = {
+        "schema": LENGTH_MODEL_SCHEMA,
+        "version": LENGTH_MODEL_VERSION,
+        "feature_config": feature_config.to_dict(),
+        "tokenizer_id": tokenizer_id,
+        "quantiles": list(config.quantiles),
+        "log_target": config.log_target,
+        "max_output_tokens": float(max(1.0, y.max())),
+        "tokens_per_char": float(tok.sum() / chars) if chars else 0.25,
+        "train": {"config": config.to_dict(), "examples": int(len(y)),
+                  "xgboost": xgb.__version__, **(extra_metadata or {})},
+    }
+    raw = bytes(booster.save_raw("ubj"))
+    meta["model_sha256"] = hashlib.sha256(raw).hexdigest()
+    return LengthPredictor(raw, meta, weights)
