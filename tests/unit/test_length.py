@@ -1,0 +1,216 @@
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from block_sgl.predictor.eval_length import bucket_baseline, metrics, spearman
+from block_sgl.predictor.features import FeatureConfig, PromptFeaturizer, normalize_prompt
+from block_sgl.predictor.length import (GRAMS_FILE, METADATA_FILE, MODEL_FILE, LengthModelConfig,
+                                        LengthPredictor, TreeEnsemble, train_length_model)
+from block_sgl.predictor.tokenizer_train import tokenizer_fingerprint, train_bpe_tokenizer
+from block_sgl.predictor.train_length import (SplitSpec, count_tokens, example_from_conversation,
+                                              prompt_text, sharegpt_examples)
+
+# Small but real: the first ShareGPT conversations, a 1k BPE, a few boosting rounds.
+FEATURES = FeatureConfig(gram_bits=12)
+CONFIG = LengthModelConfig(rounds=25, ridge_iterations=40)
+
+
+@pytest.fixture(scope="module")
+def data():
+    examples, _ = sharegpt_examples(limit=400)
+    texts = [prompt_text(e) for e in examples] + [e.response for e in examples]
+    tok = train_bpe_tokenizer(texts, 1000, seed=0)
+    prompts = [list(e.messages) for e in examples]
+    return (prompts, count_tokens(tok, [prompt_text(e) for e in examples]),
+            count_tokens(tok, [e.response for e in examples]), tok)
+
+
+def _train(data, config=CONFIG, features=FEATURES):
+    prompts, pt, ot, tok = data
+    return train_length_model(prompts, pt, ot, tokenizer_id=f"test#{tokenizer_fingerprint(tok)}",
+                              config=config, feature_config=features)
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    return _train(data)
+
+
+def test_training_is_deterministic(data, model):
+    again = _train(data)
+    prompts, pt, _, _ = data
+    assert np.array_equal(model.predict_batch(prompts, pt), again.predict_batch(prompts, pt))
+    assert model._raw == again._raw
+    assert np.array_equal(model._gram_weights, again._gram_weights)
+
+
+def test_predictions_are_sensible_and_learn_something(data, model):
+    prompts, pt, ot, _ = data
+    pred = model.predict_batch(prompts, pt)
+    assert pred.shape == (len(prompts), 2)
+    assert np.all(np.isfinite(pred)) and np.all(pred >= 1) and np.all(pred[:, 1] >= pred[:, 0])
+    # in-sample the P50 beats the constant median and the P90 covers most responses
+    assert np.mean(np.abs(pred[:, 0] - ot)) < np.mean(np.abs(np.median(ot) - ot))
+    assert np.mean(ot <= pred[:, 1]) > 0.75
+
+
+def test_single_and_batch_predictions_agree(data, model):
+    prompts, pt, _, _ = data
+    batch = model.predict_batch(prompts[:40], pt[:40])
+    single = np.array([model.predict(p, t) for p, t in zip(prompts[:40], pt[:40])])
+    np.testing.assert_allclose(single, batch, rtol=1e-9)
+
+
+@pytest.mark.parametrize("multi_output", [True, False])
+def test_compiled_trees_match_xgboost(data, multi_output):
+    import xgboost as xgb
+
+    m = _train(data, dataclasses.replace(CONFIG, multi_output_trees=multi_output, rounds=10))
+    prompts, pt, _, _ = data
+    x = m.featurizer.transform(prompts, pt)
+    ref = xgb.Booster(model_file=bytearray(m._raw)).predict(xgb.DMatrix(x), output_margin=True)
+    np.testing.assert_allclose(m.ensemble.predict_margin_batch(x), ref, atol=1e-4)
+    np.testing.assert_allclose(m.ensemble.predict_margin(x[3]), ref[3], atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt,tokens", [
+    ("", 0), (None, None), ([], 0), ("x" * 1_000_000, 250_000), ("word " * 200_000, 200_000),
+    (b"\xff\xfe\x00\xc3(binary \x80 junk", None), ("\ud800 lone surrogate", 3),
+    ([{"role": "system", "content": "be brief"},
+      {"role": "user", "content": [{"type": "text", "text": "Explain TCP"}]}], 9),
+    ("Write a 500 word essay", math.nan), ("hi", -5), ("hi", float("inf")),
+])
+def test_odd_inputs_give_finite_predictions(model, prompt, tokens):
+    p50, p90 = model.predict(prompt, tokens)
+    assert math.isfinite(p50) and math.isfinite(p90)
+    assert 1.0 <= p50 <= p90 <= model.max_output_tokens
+
+
+def test_save_load_round_trip(tmp_path, data, model):
+    model.save(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {MODEL_FILE, GRAMS_FILE, METADATA_FILE}
+    loaded = LengthPredictor.load(tmp_path / "m", tokenizer_id=model.tokenizer_id)
+    prompts, pt, _, _ = data
+    assert np.array_equal(loaded.predict_batch(prompts, pt), model.predict_batch(prompts, pt))
+    meta = json.loads((tmp_path / "m" / METADATA_FILE).read_text())
+    assert meta["schema"] == "block_sgl.length_model" and meta["version"] == 1
+    assert meta["tokenizer_id"] == model.tokenizer_id
+    assert FeatureConfig.from_dict(meta["feature_config"]) == FEATURES
+
+
+def _saved(tmp_path, model, name="m"):
+    d = tmp_path / name
+    model.save(d)
+    return d
+
+
+def test_corrupt_or_mismatched_model_is_refused(tmp_path, model):
+    with pytest.raises(ValueError, match="no metadata.json"):
+        LengthPredictor.load(tmp_path / "missing")
+    d = _saved(tmp_path, model, "tokenizer")
+    with pytest.raises(ValueError, match="tokenizer"):
+        LengthPredictor.load(d, tokenizer_id="another-tokenizer#0")
+
+    d = _saved(tmp_path, model, "truncated")
+    raw = (d / MODEL_FILE).read_bytes()
+    (d / MODEL_FILE).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        LengthPredictor.load(d)
+
+    d = _saved(tmp_path, model, "grams")
+    (d / GRAMS_FILE).write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        LengthPredictor.load(d)
+
+    d = _saved(tmp_path, model, "metadata")
+    (d / METADATA_FILE).write_text("{truncated")
+    with pytest.raises(ValueError, match="corrupt length-model metadata"):
+        LengthPredictor.load(d)
+
+    for key, value, match in [("schema", "something.else", "schema"),
+                              ("version", 99, "version 99"),
+                              ("feature_config", {"hash_bits": 3}, "feature config"),
+                              ("tokens_per_char", None, "invalid|corrupt")]:
+        d = _saved(tmp_path, model, f"meta-{key}")
+        meta = json.loads((d / METADATA_FILE).read_text())
+        meta[key] = value
+        (d / METADATA_FILE).write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=match):
+            LengthPredictor.load(d)
+
+    # a feature config that does not match the saved trees / weights
+    d = _saved(tmp_path, model, "mismatch")
+    meta = json.loads((d / METADATA_FILE).read_text())
+    meta["feature_config"]["gram_bits"] = 10
+    (d / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="gram weights"):
+        LengthPredictor.load(d)
+
+
+def test_tree_ensemble_rejects_non_models():
+    with pytest.raises(ValueError, match="XGBoost"):
+        TreeEnsemble({"learner": {}})
+
+
+def test_featurizer_shapes_and_normalization():
+    f = PromptFeaturizer(FEATURES)
+    assert len(f.names) == f.n_features
+    text, last, ctx, turns, assistant = normalize_prompt(
+        [{"from": "gpt", "value": "1. a\n2. b"}, {"from": "human", "value": "more"}])
+    assert (last, ctx, turns, assistant) == ("more", "1. a\n2. b", 2, True)
+    x = f.transform_one("Write a 500-word essay. Explain step by step?", 12)
+    names = f.names
+    assert x[names.index("requested_words")] == 500
+    assert x[names.index("kw_write")] == 1 and x[names.index("phrase_step_by_step")] == 1
+    assert x[names.index("ends_with_question")] == 1
+    with pytest.raises(ValueError, match="gram_targets"):
+        FeatureConfig.from_dict({**FEATURES.to_dict(), "gram_targets": ["nope"]})
+
+
+def test_bpe_tokenizer_is_general_and_deterministic():
+    texts = ["hello world", "hello there, world!", "def f(x): return x + 1", "你好世界"] * 20
+    a = train_bpe_tokenizer(texts, 300, seed=1, special_tokens=["<s>", "</s>", "<unk>"])
+    b = train_bpe_tokenizer(texts, 300, seed=1, special_tokens=["<s>", "</s>", "<unk>"])
+    assert a.to_str() == b.to_str()
+    assert [a.token_to_id(t) for t in ("<s>", "</s>", "<unk>")] == [0, 1, 2]
+    assert a.get_vocab_size() <= 300
+    enc = a.encode("unseen ☃ text \x00")
+    assert a.decode(enc.ids) == "unseen ☃ text \x00"
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_bpe_tokenizer(texts, 100, seed=0)
+    with pytest.raises(ValueError, match="empty"):
+        train_bpe_tokenizer([], 1000, seed=0)
+
+
+def test_sharegpt_examples_and_split():
+    conv = {"id": "abc_2", "conversations": [
+        {"from": "gpt", "value": "earlier answer"}, {"from": "human", "value": "next?"},
+        {"from": "gpt", "value": "the response"}, {"from": "human", "value": "later"}]}
+    ex = example_from_conversation(conv)
+    assert [m["value"] for m in ex.messages] == ["earlier answer", "next?"]
+    assert ex.response == "the response"
+    assert example_from_conversation({"id": "x", "conversations": [
+        {"from": "human", "value": "hi"}]}) is None
+    assert example_from_conversation({"id": "x", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]}) is None
+    split = SplitSpec(seed=0, test_fraction=0.3)
+    ids = [f"conv{i}" for i in range(2000)]
+    frac = np.mean([split.is_test(i) for i in ids])
+    assert 0.25 < frac < 0.35
+    assert all(split.is_test(f"{i}_0") == split.is_test(f"{i}_7") for i in ids[:200])
+
+
+def test_eval_helpers():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert spearman(a, a * 10) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(
+        0.8660254, rel=1e-6)
+    m = metrics(np.array([10.0, 20.0]), np.array([20.0, 20.0]))
+    assert m["mae"] == 5.0 and m["mape"] == 0.25
+    base = bucket_baseline(np.array([1.0, 1.0, 100.0]), np.array([5.0, 7.0, 50.0]),
+                           np.array([1.0, 100.0, 5000.0]), np.median)
+    assert base.tolist() == [6.0, 50.0, 7.0]
