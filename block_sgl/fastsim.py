@@ -229,6 +229,15 @@ def predict(state: InstanceState, candidate: Candidate, step_model, *, workspace
                                         workspace, step_by_step))
 
 
+def predict_packed(state_arrays: list, candidates: np.ndarray, coeffs: list, out: np.ndarray,
+                   workspace=None) -> np.ndarray:
+    """The hot-path form of ``predict_many`` for callers that keep packed inputs: each
+    ``state_arrays[i]`` is an ``InstanceState.arrays``, ``candidates`` an int64 C-contiguous
+    ``(K, 5)`` array of ``Candidate`` rows, ``coeffs[i]`` a float64 array of 5 coefficients.
+    Inputs are validated by the kernel as in ``predict_many``."""
+    return _kernel.simulate_many(state_arrays, list(candidates), coeffs, out, workspace)
+
+
 def predict_many(states: Sequence[InstanceState], candidates, step_models, *,
                  out: np.ndarray | None = None, workspace=None) -> np.ndarray:
     """One candidate against K instances. ``candidates``: one ``Candidate`` for all or one per

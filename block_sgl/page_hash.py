@@ -10,21 +10,28 @@ by ``tests/integration/test_hooks.py``.
 from __future__ import annotations
 
 import hashlib
-import struct
+
+import numpy as np
 
 
 def page_digests(token_ids, page_size: int, parent: bytes | None = None) -> list[bytes]:
     """Raw 32-byte digests of every full page of ``token_ids``."""
     if page_size <= 0:
         raise ValueError(f"page_size must be > 0, got {page_size}")
-    digests = []
     full = len(token_ids) - len(token_ids) % page_size
-    for start in range(0, full, page_size):
-        h = hashlib.sha256()
-        if parent is not None:
-            h.update(parent)
-        h.update(struct.pack(f"<{page_size}I", *token_ids[start:start + page_size]))
-        parent = h.digest()
+    if full == 0:
+        return []
+    ids = np.asarray(token_ids[:full], dtype=np.int64)
+    if ids.min() < 0 or ids.max() > 0xFFFFFFFF:
+        raise ValueError("token ids must be in [0, 2**32)")
+    # One conversion for the whole prompt, then one SHA-256 per page over a bytes slice.
+    data = ids.astype("<u4").tobytes()
+    step = page_size * 4
+    sha256 = hashlib.sha256
+    digests = []
+    for start in range(0, len(data), step):
+        chunk = data[start:start + step]
+        parent = sha256(parent + chunk if parent is not None else chunk).digest()
         digests.append(parent)
     return digests
 
@@ -36,3 +43,53 @@ def digest_to_int64(digest: bytes) -> int:
 def page_hashes(token_ids, page_size: int) -> list[int]:
     """The int64 page hashes SGLang's cache events carry for a prompt's full pages."""
     return [digest_to_int64(d) for d in page_digests(token_ids, page_size)]
+
+
+class PromptPages:
+    """A prompt's page-hash chain, computed lazily: routing only needs the hashes up to the
+    longest prefix any instance holds (usually a few pages), the speculative cache entries
+    need the whole chain later (``all()``)."""
+
+    __slots__ = ("page_size", "n_pages", "_data", "_digests", "_hashes")
+
+    def __init__(self, token_ids, page_size: int):
+        if page_size <= 0:
+            raise ValueError(f"page_size must be > 0, got {page_size}")
+        self.page_size = page_size
+        self.n_pages = len(token_ids) // page_size
+        full = self.n_pages * page_size
+        ids = np.asarray(token_ids[:full], dtype=np.int64)
+        if full and (ids.min() < 0 or ids.max() > 0xFFFFFFFF):
+            raise ValueError("token ids must be in [0, 2**32)")
+        self._data = ids.astype("<u4").tobytes()
+        self._digests: list[bytes] = []
+        self._hashes: list[int] = []
+
+    def __len__(self) -> int:
+        return self.n_pages
+
+    def hash(self, i: int) -> int:
+        """The int64 hash of page ``i`` (computing the chain up to it if needed)."""
+        hashes = self._hashes
+        if i < len(hashes):
+            return hashes[i]
+        if i >= self.n_pages:
+            raise IndexError(i)
+        digests, data, step = self._digests, self._data, self.page_size * 4
+        sha256 = hashlib.sha256
+        parent = digests[-1] if digests else None
+        for k in range(len(hashes), i + 1):
+            chunk = data[k * step:(k + 1) * step]
+            parent = sha256(parent + chunk if parent is not None else chunk).digest()
+            digests.append(parent)
+            hashes.append(int.from_bytes(parent[:8], "big", signed=True))
+        return hashes[i]
+
+    def all(self) -> list[int]:
+        if self.n_pages:
+            self.hash(self.n_pages - 1)
+        return list(self._hashes)
+
+    def __iter__(self):
+        for i in range(self.n_pages):
+            yield self.hash(i)

@@ -53,21 +53,35 @@ def _from_cli_args_hook(result, cls, args):
     try:
         settings = export_cli_args(args)
         if settings.publish and result is not None:
-            _route_kv_events_to_block_sgl(result)
+            _route_kv_events_to_block_sgl(result, settings.publish)
     except SettingsError as e:
         print(f"block_sgl: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return None
 
 
-def _route_kv_events_to_block_sgl(server_args) -> None:
+def kv_events_config_for(publish_endpoint: str) -> str:
+    """The ``--kv-events-config`` block_sgl sets: its own publisher (cache events enter the
+    block_sgl stream in-process) and the stream's endpoint, so that ``GET /server_info``
+    (``kv_events_config``) tells a router where to subscribe."""
+    import json
+
+    return json.dumps({"publisher": "block_sgl", "endpoint": publish_endpoint})
+
+
+def _route_kv_events_to_block_sgl(server_args, publish_endpoint: str) -> None:
     """Radix-cache events reach block_sgl through SGLang's KV-event publisher interface."""
-    from block_sgl.hooks.scheduler import KV_EVENTS_CONFIG
+    import json
 
     current = getattr(server_args, "kv_events_config", None)
-    if current and current != KV_EVENTS_CONFIG:
+    ours = kv_events_config_for(publish_endpoint)
+    try:
+        same_publisher = bool(current) and json.loads(current).get("publisher") == "block_sgl"
+    except (ValueError, AttributeError):
+        same_publisher = False
+    if current and not same_publisher:
         raise SettingsError(
             f"--kv-events-config {current!r} conflicts with BLOCK_SGL_PUBLISH: block_sgl publishes "
             "the radix-cache events itself (same stream as the scheduler state); drop "
             "--kv-events-config or BLOCK_SGL_PUBLISH")
-    server_args.kv_events_config = KV_EVENTS_CONFIG
+    server_args.kv_events_config = ours

@@ -58,10 +58,15 @@ CacheListener = Callable[[str, object], None]
 """Called (in the subscriber thread) with (publish endpoint, CacheStored | CacheRemoved |
 CacheCleared | CacheDump) in stream order."""
 
+StepsListener = Callable[[str, p.StepRecords], None]
+"""Called (in the subscriber thread) with (publish endpoint, StepRecords) in stream order;
+records replayed after a gap are delivered too, a full-state reload carries none."""
+
 
 class StreamSubscriber:
     def __init__(self, publish_endpoints: list[str], stale_after_s: float = 3.0,
-                 on_cache_event: CacheListener | None = None, replay_timeout_s: float = 2.0):
+                 on_cache_event: CacheListener | None = None, replay_timeout_s: float = 2.0,
+                 on_steps: StepsListener | None = None):
         if not publish_endpoints:
             raise ValueError("at least one publish endpoint is needed")
         for e in publish_endpoints:
@@ -69,6 +74,7 @@ class StreamSubscriber:
         self.stale_after_s = stale_after_s
         self.replay_timeout_s = replay_timeout_s
         self._on_cache_event = on_cache_event
+        self._on_steps = on_steps
         self.states = {e: InstanceState(endpoint=e) for e in publish_endpoints}
         self._codec = p.Codec()
         self._stop = threading.Event()
@@ -222,6 +228,8 @@ class StreamSubscriber:
             state.instance_id = message.instance_id
         elif isinstance(message, p.StepRecords):
             state.steps.append(message)
+            if self._on_steps is not None:
+                self._on_steps(state.endpoint, message)
         elif isinstance(message, (p.CacheStored, p.CacheRemoved, p.CacheCleared, p.CacheDump)):
             if self._on_cache_event is not None:
                 self._on_cache_event(state.endpoint, message)

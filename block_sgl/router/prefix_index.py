@@ -32,8 +32,9 @@ class PrefixIndex:
             else:
                 raise TypeError(f"not a cache event: {type(message).__name__}")
 
-    def matched_pages(self, instance: str, hashes: list[int]) -> int:
-        """Number of leading pages of a prompt (its page hashes) cached on ``instance``."""
+    def matched_pages(self, instance: str, hashes) -> int:
+        """Number of leading pages of a prompt (its page hashes: a list, or a lazily computed
+        ``page_hash.PromptPages``) cached on ``instance``."""
         pages = self._pages.get(instance)
         if not pages:
             return 0

@@ -1,0 +1,516 @@
+"""The routing core: what the router knows about each instance and how it picks one.
+
+Per request (``Router.decide``):
+  prompt token ids → page-hash chain (SGLang's hashing, the instance's page size) → cached
+  prefix per instance (radix-cache events + speculative entries for prompts just sent there)
+  → predicted output length → each instance's view: its latest snapshot plus the requests
+  this router dispatched that the snapshot does not show yet (``pending``) → fastsim for the
+  predictive policies (every instance, or power-of-k) → the policy's pick.
+
+Everything here runs on the event loop thread except the stream listeners (``_on_cache``,
+``_on_steps``), which run in the subscriber thread and only touch thread-safe structures
+(the prefix index has a lock; a calibrator's model is swapped by reference).
+No I/O: the proxy (``proxy.py``) owns HTTP; this module is testable without a network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import random
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from block_sgl import fastsim
+from block_sgl import protocol as p
+from block_sgl.page_hash import PromptPages
+from block_sgl.predictor.perf_model import OnlineCalibrator, fit_profile, scaled
+from block_sgl.predictor.step_model import DEFAULT_H100_LLAMA2_7B, StepModel
+from block_sgl.router.config import RouterConfig
+from block_sgl.router.policies import InstanceView, Policy, RequestView, make_policy
+from block_sgl.router.prefix_index import PrefixIndex
+from block_sgl.router.state import instance_config, instance_state
+
+logger = logging.getLogger("block_sgl.router")
+
+
+@dataclasses.dataclass
+class PendingRequest:
+    """A request dispatched by this router that the instance's snapshot does not show yet."""
+
+    key: int
+    input_len: int
+    prefix_len: int
+    max_new_tokens: int
+    ignore_eos: bool
+    pred_output_len: int
+    dispatched_at: float
+    """time.time() at dispatch."""
+
+
+@dataclasses.dataclass
+class Worker:
+    index: int
+    url: str
+    endpoint: str | None = None
+    """Its block_sgl publish endpoint (None until discovered)."""
+    healthy: bool = True
+    """Circuit breaker closed: the instance gets new requests."""
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    last_error: str | None = None
+    in_flight: int = 0
+    pending: dict = dataclasses.field(default_factory=dict)
+    """key → PendingRequest."""
+    rid_pred: dict = dataclasses.field(default_factory=dict)
+    """SGLang rid → predicted output length, for this router's requests the snapshot shows."""
+    seen_rids: frozenset = frozenset()
+    speculative: dict = dataclasses.field(default_factory=dict)
+    """page hash → expiry (time.monotonic())."""
+    calibrator: OnlineCalibrator | None = None
+    base_model: StepModel | None = None
+    stream: object = None
+    """Its ``ingest.InstanceState`` (the subscriber replaces the messages inside)."""
+    _snapshot_seen: object = None
+    _load: tuple = (0, 0, 0, 0, 0, 0)
+    """Figures of the last snapshot: running, waiting, queued prefill, used KV, free KV, total."""
+    _pending_queued: int = 0
+    _pending_table: object = None
+    _oldest_pending: float = 0.0
+    _state_cache: tuple | None = None
+    """(snapshot, fastsim.InstanceState without pending, hello)."""
+    _coeffs: tuple | None = None
+
+    @property
+    def step_model(self) -> StepModel:
+        if self.calibrator is not None and self.calibrator.model is not None:
+            return self.calibrator.model
+        return self.base_model or DEFAULT_H100_LLAMA2_7B
+
+    def coeff_array(self) -> np.ndarray:
+        model = self.step_model
+        if self._coeffs is None or self._coeffs[0] is not model:
+            self._coeffs = (model, np.ascontiguousarray(model.as_array(), dtype=np.float64))
+        return self._coeffs[1]
+
+
+@dataclasses.dataclass
+class Decision:
+    worker: int
+    request: RequestView
+    views: list[InstanceView]
+    chosen: InstanceView
+    pages: PromptPages | None
+    """The prompt's page hashes at the chosen instance's page size (lazy)."""
+    page_size: int
+    decided_in_s: float
+    key: int = 0
+
+
+class NoInstanceAvailable(RuntimeError):
+    """Every instance is out of rotation (failed health checks or excluded by retries)."""
+
+
+class Router:
+    """Routing state shared by one router replica's request handlers."""
+
+    def __init__(self, config: RouterConfig, *, length_predictor=None,
+                 subscriber_factory: Callable | None = None, clock=time.time):
+        self.config = config
+        self.policy: Policy = make_policy(config.policy, seed=config.seed,
+                                          cache_aware=dataclasses.asdict(config.cache_aware))
+        self.length_predictor = length_predictor
+        self.prefix_index = PrefixIndex()
+        self.workers = [Worker(i, url.rstrip("/")) for i, url in enumerate(config.worker_urls)]
+        self._rng = random.Random(config.seed)
+        self._keys = itertools.count(1)
+        self._clock = clock
+        self._by_endpoint: dict[str, Worker] = {}
+        self.subscriber = None
+        self._subscriber_factory = subscriber_factory
+        self._workspace = fastsim.new_workspace()
+        self._profile_models: dict[tuple, StepModel] = {}
+        self.completed_output_tokens = 0
+        self.completed_requests = 0
+        self.stats = {"pending_expired": 0, "pending_matched": 0}
+
+    # -- streams ------------------------------------------------------------------------------
+    def attach_streams(self, endpoints: Sequence[str]) -> None:
+        """Subscribe to every instance's block_sgl stream (one endpoint per worker)."""
+        from block_sgl.router.ingest import StreamSubscriber
+
+        if len(endpoints) != len(self.workers):
+            raise ValueError(f"{len(endpoints)} endpoints for {len(self.workers)} workers")
+        for w, e in zip(self.workers, endpoints):
+            w.endpoint = e
+            w.calibrator = OnlineCalibrator()
+            self._by_endpoint[e] = w
+        factory = self._subscriber_factory or StreamSubscriber
+        self.subscriber = factory(list(endpoints), stale_after_s=self.config.stale_after_s,
+                                  on_cache_event=self._on_cache, on_steps=self._on_steps)
+        for w in self.workers:
+            w.stream = self.subscriber.states[w.endpoint]
+        self.subscriber.start()
+
+    def close(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.stop()
+
+    def _on_cache(self, endpoint: str, message) -> None:
+        self.prefix_index.apply(endpoint, message)
+
+    def _on_steps(self, endpoint: str, records: p.StepRecords) -> None:
+        worker = self._by_endpoint.get(endpoint)
+        if worker is None or worker.calibrator is None:
+            return
+        for i in range(len(records.duration_s)):
+            worker.calibrator.observe(records.extend_tokens[i], records.prefill_context_tokens[i],
+                                      records.decode_reqs[i], records.decode_context_tokens[i],
+                                      records.duration_s[i])
+
+    def stream_state(self, worker: Worker):
+        return worker.stream
+
+    def is_stale(self, worker: Worker) -> bool:
+        state = worker.stream
+        return state is None or state.is_stale(self.config.stale_after_s)
+
+    # -- output lengths -----------------------------------------------------------------------
+    def mean_output_len(self) -> int:
+        if self.completed_requests == 0:
+            return self.config.default_output_len
+        return max(1, round(self.completed_output_tokens / self.completed_requests))
+
+    def predict_output_len(self, prompt, input_len: int, max_new_tokens: int,
+                           ignore_eos: bool) -> int:
+        if ignore_eos and self.config.use_ignore_eos_hint:
+            return max_new_tokens
+        if self.length_predictor is not None:
+            p50, _ = self.length_predictor.predict(prompt, input_len)
+            guess = int(round(p50))
+        else:
+            guess = self.mean_output_len()
+        return max(1, min(guess, max_new_tokens))
+
+    def _snapshot_output_len(self, worker: Worker):
+        mean = self.mean_output_len()
+        hint = self.config.use_ignore_eos_hint
+
+        def predict(rid: str, input_len: int, max_new_tokens: int, ignore_eos: bool) -> int:
+            known = worker.rid_pred.get(rid)
+            if known is not None:
+                return known
+            if ignore_eos and hint:
+                return max_new_tokens
+            return min(mean, max_new_tokens)
+        return predict
+
+    # -- per-worker view ----------------------------------------------------------------------
+    def _sync_snapshot(self, worker: Worker, now: float) -> p.Snapshot | None:
+        """On a new snapshot: match pending requests against it (a request the snapshot shows
+        is no longer pending; matched by prompt length among the rids new in this snapshot)
+        and recompute the snapshot's load figures once."""
+        state = worker.stream
+        snap = state.snapshot if state is not None else None
+        if snap is not None and snap is not worker._snapshot_seen:
+            worker._snapshot_seen = snap
+            rids = {}
+            for cols in (snap.running, snap.waiting, snap.chunked):
+                rids.update(zip(cols.rid, cols.input_len))
+            current = frozenset(rids)
+            for rid in current - worker.seen_rids:
+                match = next((k for k, r in worker.pending.items()
+                              if r.input_len == rids[rid] and r.dispatched_at <= snap.time), None)
+                if match is not None:
+                    worker.rid_pred[rid] = self._unpend(worker, match).pred_output_len
+                    self.stats["pending_matched"] += 1
+            for rid in worker.seen_rids - current:
+                worker.rid_pred.pop(rid, None)
+            worker.seen_rids = current
+            r, w, c = snap.running, snap.waiting, snap.chunked
+            queued = sum(w.input_len) - sum(w.prefix_len)
+            if len(c):
+                queued += c.input_len[0] - snap.chunked_done_tokens
+            worker._load = (len(r), len(w) + len(c), max(queued, 0),
+                            sum(r.input_len) + sum(r.output_len),
+                            snap.free_tokens + snap.evictable_tokens, snap.max_total_num_tokens)
+        if worker.pending and now - worker._oldest_pending > self.config.pending_ttl_s:
+            ttl = self.config.pending_ttl_s
+            for k in [k for k, r in worker.pending.items() if now - r.dispatched_at > ttl]:
+                self._unpend(worker, k)
+                self.stats["pending_expired"] += 1
+            worker._oldest_pending = min((r.dispatched_at for r in worker.pending.values()),
+                                         default=now)
+        return snap
+
+    @staticmethod
+    def _unpend(worker: Worker, key: int) -> PendingRequest:
+        r = worker.pending.pop(key)
+        worker._pending_queued -= r.input_len - r.prefix_len
+        worker._pending_table = None
+        return r
+
+    def _fastsim_state(self, worker: Worker, snap: p.Snapshot | None, stale: bool, now: float):
+        hello = worker.stream.hello if worker.stream is not None else None
+        if hello is None:
+            return None
+        key = None if stale else snap
+        if worker._state_cache is not None and worker._state_cache[0] is key \
+                and worker._state_cache[2] is hello:
+            base = worker._state_cache[1]
+        else:
+            cfg = instance_config(hello)
+            if stale or snap is None:
+                # Stale stream: only what this router sent there is known (assume no other
+                # traffic; documented in README "stale instances").
+                base = fastsim.InstanceState(cfg, fastsim.RequestTable.empty(),
+                                             fastsim.RequestTable.empty(),
+                                             free_kv_tokens=hello.max_total_num_tokens)
+            else:
+                base = instance_state(cfg, snap, self._snapshot_output_len(worker), now)
+            worker._state_cache = (key, base, hello)
+        if worker.base_model is None:
+            worker.base_model = self._profile_model(hello)
+        if not worker.pending:
+            return base
+        if worker._pending_table is None:
+            rows = [(r.input_len, r.prefix_len, 0, r.max_new_tokens, int(r.ignore_eos),
+                     r.pred_output_len) for r in worker.pending.values()]
+            worker._pending_table = fastsim.RequestTable.from_rows(rows)
+        return base.with_pending(worker._pending_table)
+
+    def _profile_model(self, hello: p.Hello) -> StepModel:
+        """The step model before the instance's own step records calibrate it: its emulated
+        hardware profile (at its time scale), else the H100 default."""
+        key = (hello.hardware_profile, hello.time_scale)
+        if key not in self._profile_models:
+            try:
+                model = fit_profile(hello.hardware_profile, time_scale=hello.time_scale) \
+                    if hello.hardware_profile else DEFAULT_H100_LLAMA2_7B
+            except (KeyError, ValueError):
+                model = DEFAULT_H100_LLAMA2_7B
+            self._profile_models[key] = model
+        return self._profile_models[key]
+
+    def _page_size(self, worker: Worker) -> int | None:
+        st = worker.stream
+        return st.hello.page_size if st is not None and st.hello is not None else None
+
+    def cached_prefix_tokens(self, worker: Worker, hashes_by_size: dict, now_mono: float) -> int:
+        size = self._page_size(worker)
+        if size is None or size not in hashes_by_size:
+            return 0
+        hashes = hashes_by_size[size]
+        matched = self.prefix_index.matched_pages(worker.endpoint, hashes) if worker.endpoint else 0
+        spec = 0
+        if worker.speculative:
+            get = worker.speculative.get
+            for h in hashes:
+                exp = get(h)
+                if exp is None or exp < now_mono:
+                    break
+                spec += 1
+        return max(matched, spec) * size
+
+    def view(self, worker: Worker, request: RequestView, hashes_by_size: dict, now: float,
+             now_mono: float) -> tuple[InstanceView, object]:
+        st = worker.stream
+        stale = st is None or st.is_stale(self.config.stale_after_s, now_mono)
+        snap = self._sync_snapshot(worker, now)
+        if snap is not None and not stale:
+            running, waiting, queued, used, free, total = worker._load
+        else:
+            running = waiting = queued = used = 0
+            total = free = st.hello.max_total_num_tokens if st is not None and st.hello else 0
+        cached = self.cached_prefix_tokens(worker, hashes_by_size, now_mono) \
+            if request.input_len else 0
+        v = InstanceView(worker.index, worker.url, stale, worker.in_flight, running,
+                         waiting + len(worker.pending), queued + worker._pending_queued, used,
+                         free, total, min(cached, max(request.input_len - 1, 0)))
+        return v, snap
+
+    # -- decision -----------------------------------------------------------------------------
+    def request_view(self, *, text: str, token_ids: list[int] | None, max_new_tokens: int,
+                     ignore_eos: bool, prompt=None) -> RequestView:
+        n = len(token_ids) if token_ids is not None else 0
+        pred = self.predict_output_len(prompt if prompt is not None else text, n, max_new_tokens,
+                                       ignore_eos)
+        return RequestView(rid="", text=text, input_len=n, max_new_tokens=max_new_tokens,
+                           pred_output_len=pred, ignore_eos=ignore_eos)
+
+    def decide(self, request: RequestView, token_ids: list[int] | None,
+               exclude: frozenset[int] = frozenset()) -> Decision:
+        started = time.perf_counter()
+        now, now_mono = self._clock(), time.monotonic()
+        candidates = [w for w in self.workers if w.healthy and w.index not in exclude]
+        if not candidates:
+            raise NoInstanceAvailable(
+                "no SGLang instance is available: " + "; ".join(
+                    f"{w.url}: {w.last_error or 'excluded after a failure'}" for w in self.workers))
+        hashes_by_size: dict[int, list[int]] = {}
+        if token_ids and self.policy.needs_tokens:
+            for w in candidates:
+                size = self._page_size(w)
+                if size and size not in hashes_by_size:
+                    hashes_by_size[size] = PromptPages(token_ids, size)
+        pairs = [self.view(w, request, hashes_by_size, now, now_mono) for w in candidates]
+        views = [v for v, _ in pairs]
+        if self.policy.needs_prediction:
+            views = self._predict(request, candidates, pairs, now)
+        choice = self.policy.pick(request, views)
+        chosen = next(v for v in views if v.index == choice)
+        size = self._page_size(self.workers[choice]) or 0
+        return Decision(worker=choice, request=request, views=views, chosen=chosen,
+                        pages=hashes_by_size.get(size), page_size=size,
+                        decided_in_s=time.perf_counter() - started)
+
+    def _predict(self, request: RequestView, workers: list[Worker], pairs, now: float):
+        """Fill predicted TTFT / E2E into the views (all instances, or power-of-k ones)."""
+        k = self.config.power_of_k
+        chosen = range(len(workers))
+        if k and k < len(workers):
+            best_prefix = max(range(len(workers)), key=lambda i: pairs[i][0].cached_prefix_tokens)
+            chosen = sorted(set(self._rng.sample(range(len(workers)), k)) | {best_prefix})
+        arrays, coeffs, idx = [], [], []
+        for i in chosen:
+            w, (v, snap) = workers[i], pairs[i]
+            state = self._fastsim_state(w, snap, v.stale, now)
+            if state is None:
+                continue
+            arrays.append(state.arrays)
+            coeffs.append(w.coeff_array())
+            idx.append(i)
+        views = [pairs[i][0] for i in chosen]
+        if not arrays:
+            return views
+        cands = np.empty((len(idx), 5), dtype=np.int64)
+        cands[:, 0] = request.input_len
+        cands[:, 1] = [pairs[i][0].cached_prefix_tokens for i in idx]
+        cands[:, 2] = request.pred_output_len
+        cands[:, 3] = request.max_new_tokens
+        cands[:, 4] = int(request.ignore_eos)
+        out = fastsim.predict_packed(arrays, cands, coeffs, np.empty((len(idx), 3)),
+                                     self._workspace)
+        for row, i in zip(out.tolist(), idx):
+            v = pairs[i][0]
+            v.predicted_ttft_s, v.predicted_e2e_s = row[0], row[1]
+        return views
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def dispatched(self, decision: Decision) -> int:
+        """Record that the request went to ``decision.worker``; returns its pending key."""
+        w = self.workers[decision.worker]
+        w.in_flight += 1
+        key = next(self._keys)
+        r = decision.request
+        if not w.pending:
+            w._oldest_pending = self._clock()
+        pending = PendingRequest(key, r.input_len, decision.chosen.cached_prefix_tokens,
+                                 r.max_new_tokens, r.ignore_eos, r.pred_output_len, self._clock())
+        w.pending[key] = pending
+        w._pending_queued += pending.input_len - pending.prefix_len
+        w._pending_table = None
+        decision.key = key
+        return key
+
+    def remember_prefix(self, decision: Decision) -> None:
+        """Count the dispatched prompt's pages as cached on its instance until the TTL (the
+        instance's cache events confirm them later). Hashes the whole prompt: the proxy calls
+        this once the request is on its way, off the decision's critical path."""
+        w = self.workers[decision.worker]
+        if decision.pages is not None and len(decision.pages):
+            expiry = time.monotonic() + self.config.speculative_prefix_ttl_s
+            for h in decision.pages.all():
+                w.speculative[h] = expiry
+            if len(w.speculative) > 200_000:
+                now = time.monotonic()
+                w.speculative = {h: e for h, e in w.speculative.items() if e >= now}
+
+    def finished(self, decision: Decision, output_tokens: int | None) -> None:
+        """The request ended (any outcome). ``output_tokens``: completion tokens when known."""
+        w = self.workers[decision.worker]
+        w.in_flight = max(0, w.in_flight - 1)
+        if decision.key in w.pending:
+            self._unpend(w, decision.key)
+        if output_tokens is not None and output_tokens > 0:
+            self.completed_requests += 1
+            self.completed_output_tokens += output_tokens
+        try:
+            self.policy.on_complete(decision.worker, decision.request)
+        except Exception:  # a policy bug must not leak in-flight counts
+            logger.exception("policy %s on_complete failed", self.policy.name)
+
+    # -- health -------------------------------------------------------------------------------
+    def mark_failure(self, index: int, error: str, *, immediate: bool = False) -> bool:
+        """Count a failed check/request; returns True if this took the instance out."""
+        w = self.workers[index]
+        w.consecutive_failures += 1
+        w.consecutive_successes = 0
+        w.last_error = error
+        if w.healthy and (immediate or w.consecutive_failures >= self.config.health.failures_to_open):
+            w.healthy = False
+            logger.warning("instance %s out of rotation: %s", w.url, error)
+            return True
+        return False
+
+    def mark_success(self, index: int) -> bool:
+        """Count a passed check; returns True if this put the instance back."""
+        w = self.workers[index]
+        w.consecutive_failures = 0
+        w.consecutive_successes += 1
+        if not w.healthy and w.consecutive_successes >= self.config.health.successes_to_close:
+            w.healthy = True
+            w.last_error = None
+            logger.warning("instance %s back in rotation", w.url)
+            return True
+        return False
+
+    # -- provisioning -------------------------------------------------------------------------
+    def provisioning(self) -> dict:
+        """Predicted headroom and a scale recommendation (``GET /block/provisioning``).
+
+        Probe: a typical request (mean prompt of recent decisions is not tracked; a 512-token
+        prompt with the mean output) is simulated on every healthy instance; utilisation is KV
+        in use / capacity. Recommendation: ``scale_out`` when even the best instance's predicted
+        TTFT exceeds the SLO (or, without an SLO, every instance is above 85 % KV use or has a
+        queue); ``scale_in`` when more than one instance is healthy and all are below 30 % KV
+        use with empty queues; else ``hold``.
+        """
+        now, now_mono = self._clock(), time.monotonic()
+        probe = RequestView(rid="probe", text="", input_len=512, max_new_tokens=4096,
+                            pred_output_len=self.mean_output_len())
+        healthy = [w for w in self.workers if w.healthy]
+        rows = []
+        pairs = [self.view(w, probe, {}, now, now_mono) for w in healthy]
+        views = self._predict(probe, healthy, pairs, now) if healthy else []
+        for v in views:
+            util = (1 - v.free_kv_tokens / v.max_total_tokens) if v.max_total_tokens else float("nan")
+            rows.append({"url": v.url, "stale": v.stale, "running": v.running,
+                         "waiting": v.waiting, "kv_utilisation": util,
+                         "predicted_probe_ttft_s": v.predicted_ttft_s,
+                         "predicted_probe_e2e_s": v.predicted_e2e_s})
+        slo = self.config.slo_ttft_ms / 1e3 if self.config.slo_ttft_ms else None
+        ttfts = [r["predicted_probe_ttft_s"] for r in rows if not math.isnan(r["predicted_probe_ttft_s"])]
+        utils = [r["kv_utilisation"] for r in rows if not math.isnan(r["kv_utilisation"])]
+        best = min(ttfts) if ttfts else float("nan")
+        if not healthy:
+            rec = "scale_out"
+        elif slo is not None and ttfts and best > slo:
+            rec = "scale_out"
+        elif utils and all(u > 0.85 or r["waiting"] > 0 for u, r in zip(utils, rows)) and (
+                slo is None or not ttfts):
+            rec = "scale_out"
+        elif len(healthy) > 1 and utils and all(u < 0.3 for u in utils) and all(
+                r["waiting"] == 0 for r in rows):
+            rec = "scale_in"
+        else:
+            rec = "hold"
+        headroom = (1 - best / slo) if slo is not None and ttfts else (
+            1 - float(np.mean(utils)) if utils else float("nan"))
+        return {"instances": rows, "healthy": len(healthy), "total": len(self.workers),
+                "slo_ttft_s": slo, "best_probe_ttft_s": best, "headroom": headroom,
+                "recommendation": rec}

@@ -1,0 +1,204 @@
+"""The routing core over synthetic instance streams (no network): pending accounting, prefix
+matching, predictive picks, stale instances, health, provisioning."""
+
+import time
+
+import pytest
+
+from block_sgl import protocol as p
+from block_sgl.page_hash import page_hashes
+from block_sgl.router.config import ConfigError, RouterConfig
+from block_sgl.router.core import NoInstanceAvailable, Router
+from block_sgl.router.ingest import InstanceState
+
+URLS = ("http://w0:1", "http://w1:1")
+ENDPOINTS = ["tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001"]
+
+
+class FakeSubscriber:
+    def __init__(self, endpoints, stale_after_s, on_cache_event, on_steps):
+        self.states = {e: InstanceState(endpoint=e) for e in endpoints}
+        self.on_cache_event, self.on_steps = on_cache_event, on_steps
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+def hello(i):
+    return p.Hello(instance_id=f"i{i}", url=URLS[i], model="m", page_size=16,
+                   max_total_num_tokens=65536, max_running_requests=64, chunked_prefill_size=4096,
+                   max_prefill_tokens=16384, schedule_policy="fcfs",
+                   hardware_profile="h100-llama2-7b", time_scale=1.0)
+
+
+def cols(n, input_len=1000, output_len=0, start=0, max_new=256):
+    return p.RequestColumns(rid=[f"r{start + k}" for k in range(n)], input_len=[input_len] * n,
+                            prefix_len=[0] * n, output_len=[output_len] * n,
+                            max_new_tokens=[max_new] * n, ignore_eos=[True] * n)
+
+
+def snapshot(i, running=0, waiting=0, **kw):
+    return p.Snapshot(instance_id=f"i{i}", time=time.time(), forward_ct=1,
+                      running=cols(running, output_len=10, start=1000 * i),
+                      waiting=cols(waiting, start=1000 * i + 500),
+                      free_tokens=60000, evictable_tokens=0, max_total_num_tokens=65536,
+                      new_token_ratio=0.7, **kw)
+
+
+def make_router(policy="block", clock=time.time, **kw):
+    router = Router(RouterConfig(worker_urls=URLS, policy=policy, seed=0, **kw),
+                    subscriber_factory=FakeSubscriber, clock=clock)
+    router.attach_streams(ENDPOINTS)
+    for i, e in enumerate(ENDPOINTS):
+        feed(router, i, snapshot(i))
+    return router
+
+
+def feed(router, i, snap):
+    st = router.subscriber.states[ENDPOINTS[i]]
+    st.hello = hello(i)
+    st.snapshot = snap
+    st.last_message_at = time.monotonic()
+
+
+def request(router, n_tokens=800, max_new=100, tokens=None):
+    ids = tokens if tokens is not None else list(range(1, n_tokens + 1))
+    rv = router.request_view(text="t", token_ids=ids, max_new_tokens=max_new, ignore_eos=True)
+    return rv, ids
+
+
+def test_block_avoids_the_instance_with_a_long_queue():
+    router = make_router()
+    feed(router, 0, snapshot(0, running=30, waiting=20))
+    rv, ids = request(router)
+    d = router.decide(rv, ids)
+    assert d.worker == 1
+    busy, idle = sorted(d.views, key=lambda v: v.index)
+    assert busy.predicted_ttft_s > idle.predicted_ttft_s > 0
+    assert busy.waiting == 20 and busy.running == 30
+
+
+def test_dispatched_requests_count_as_pending_until_a_snapshot_shows_them():
+    router = make_router(policy="least_requests")
+    rv, ids = request(router)
+    d = router.decide(rv, ids)
+    router.dispatched(d)
+    w = router.workers[d.worker]
+    v = router.decide(rv, ids).views[d.worker]
+    assert v.waiting == 1 and v.queued_prefill_tokens == 800 and w.in_flight == 1
+    # The instance's next snapshot shows a new waiting request with that prompt length.
+    snap = snapshot(d.worker)
+    snap.waiting = cols(1, input_len=800, start=77)
+    feed(router, d.worker, snap)
+    v = router.decide(rv, ids).views[d.worker]
+    assert v.waiting == 1 and not w.pending and w.rid_pred == {"r77": 100}
+    router.finished(d, output_tokens=100)
+    assert w.in_flight == 0 and router.mean_output_len() == 100
+
+
+def test_pending_requests_expire_after_their_ttl():
+    now = [time.time()]
+    router = make_router(policy="least_requests", pending_ttl_s=5, clock=lambda: now[0])
+    rv, ids = request(router)
+    d = router.decide(rv, ids)
+    router.dispatched(d)
+    now[0] += 4.9
+    assert router.decide(rv, ids).views[d.worker].waiting == 1
+    now[0] += 0.2
+    v = router.decide(rv, ids).views[d.worker]
+    assert v.waiting == 0 and v.queued_prefill_tokens == 0
+    assert router.stats["pending_expired"] == 1
+
+
+def test_cached_prefix_from_cache_events_and_speculative_entries():
+    router = make_router(policy="lmetric")
+    rv, ids = request(router, 800)
+    hashes = page_hashes(ids, 16)
+    router.subscriber.on_cache_event(ENDPOINTS[1], p.CacheStored(
+        instance_id="i1", block_hashes=hashes[:30], parent_block_hash=None, block_size=16))
+    d = router.decide(rv, ids)
+    by_index = {v.index: v for v in d.views}
+    assert by_index[1].cached_prefix_tokens == 480 and by_index[0].cached_prefix_tokens == 0
+    assert d.worker == 1
+    # A prompt just sent to w0 counts as cached there (speculatively) until its TTL.
+    other, other_ids = request(router, tokens=list(range(5000, 5800)))
+    d0 = router.decide(other, other_ids)
+    d0.worker, d0.chosen = 0, next(v for v in d0.views if v.index == 0)
+    router.dispatched(d0)
+    router.remember_prefix(d0)
+    again = router.decide(other, other_ids)
+    assert {v.index: v for v in again.views}[0].cached_prefix_tokens == 799  # 50 full pages, capped at n-1 (SGLang recomputes the last token)
+
+
+def test_block_prefers_the_instance_holding_the_prefix_when_loads_are_equal():
+    router = make_router()
+    rv, ids = request(router, 3000)
+    router.subscriber.on_cache_event(ENDPOINTS[0], p.CacheStored(
+        instance_id="i0", block_hashes=page_hashes(ids, 16), parent_block_hash=None, block_size=16))
+    d = router.decide(rv, ids)
+    assert d.worker == 0
+    v0, v1 = sorted(d.views, key=lambda v: v.index)
+    assert v0.predicted_ttft_s < v1.predicted_ttft_s
+
+
+def test_stale_instance_is_routed_on_the_routers_own_accounting():
+    router = make_router(stale_after_s=0.5)
+    feed(router, 0, snapshot(0, running=40, waiting=30))
+    router.subscriber.states[ENDPOINTS[0]].last_message_at -= 10  # silent for 10 s
+    rv, ids = request(router)
+    d = router.decide(rv, ids)
+    v0 = next(v for v in d.views if v.index == 0)
+    assert v0.stale and v0.running == 0 and v0.waiting == 0  # the old queue is not trusted
+    assert v0.predicted_ttft_s > 0
+
+
+def test_health_breaker_takes_instances_out_and_back():
+    router = make_router(policy="round_robin")
+    assert router.mark_failure(0, "refused", immediate=True)
+    rv, ids = request(router)
+    assert {router.decide(rv, ids).worker for _ in range(4)} == {1}
+    assert router.mark_failure(1, "timeout") is False  # 1 of 2 failures to open
+    assert router.mark_failure(1, "timeout") is True
+    with pytest.raises(NoInstanceAvailable, match="http://w0:1: refused"):
+        router.decide(rv, ids)
+    assert router.mark_success(0)
+    assert router.decide(rv, ids).worker == 0
+
+
+def test_step_records_calibrate_the_instance_model():
+    router = make_router()
+    w = router.workers[0]
+    before = w.step_model
+    n = 200
+    router.subscriber.on_steps(ENDPOINTS[0], p.StepRecords(
+        instance_id="i0", forward_mode=["decode"] * n, num_reqs=[8] * n, extend_tokens=[0] * n,
+        prefix_tokens=[0] * n, prefill_context_tokens=[0.0] * n, decode_reqs=[8] * n,
+        decode_context_tokens=[8000 + k for k in range(n)], kv_tokens=[8000] * n,
+        duration_s=[0.05] * n, end_time=[0.0] * n))
+    after = w.step_model
+    assert after is not before
+    assert after.step_time(0, 0, 8, 8000) == pytest.approx(0.05, rel=0.1)
+
+
+def test_provisioning_recommends_scale_out_when_the_slo_cannot_be_met():
+    router = make_router(slo_ttft_ms=50)
+    for i in range(2):
+        feed(router, i, snapshot(i, running=60, waiting=60))
+    report = router.provisioning()
+    assert report["recommendation"] == "scale_out" and report["best_probe_ttft_s"] > 0.05
+    idle = make_router(slo_ttft_ms=5000)
+    assert idle.provisioning()["recommendation"] == "scale_in"
+
+
+def test_invalid_configurations_are_refused_with_the_setting_named():
+    with pytest.raises(ConfigError, match="--publish-endpoints: got 1 endpoints for 2"):
+        RouterConfig(worker_urls=URLS, publish_endpoints=("tcp://127.0.0.1:1",))
+    with pytest.raises(ConfigError, match="--power-of-k applies"):
+        RouterConfig(worker_urls=URLS, policy="round_robin", power_of_k=2)
+    with pytest.raises(ConfigError, match="listed twice"):
+        RouterConfig(worker_urls=(URLS[0], URLS[0]))
+    with pytest.raises(ConfigError, match="--policy 'fastest' is unknown"):
+        RouterConfig(worker_urls=URLS, policy="fastest")
