@@ -176,7 +176,8 @@ class RouterApp:
                                   f"length is {self.context_len}")
 
     def parse_generate(self, body: bytes, obj: dict) -> _ParsedRequest:
-        sp = obj.get("sampling_params") or {}
+        sp = obj.get("sampling_params")
+        sp = {} if sp is None else sp
         if not isinstance(sp, dict):
             raise BadRequest(400, "sampling_params must be an object")
         text, ids = obj.get("text"), obj.get("input_ids")

@@ -274,6 +274,39 @@ def test_two_replicas_three_instances_lose_nothing(start_router, block_router, i
     assert len({u for _, u, _ in results}) >= 2
 
 
+def test_client_disconnect_aborts_the_request_on_the_instance(block_router):
+    import http.client
+
+    host, port = block_router.url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/generate", body=json.dumps(gen_body("a long story", 2000, stream=True)),
+                 headers=JSON)
+    resp = conn.getresponse()
+    served_by = resp.getheader("X-Block-Instance")
+    assert resp.fp.readline().startswith(b"data:")  # it is generating
+    conn.sock.close()  # the client goes away mid-stream
+    conn.close()
+    deadline = time.monotonic() + 15  # 2000 tokens would take ~50 s if not aborted
+    while True:
+        view = {v["url"]: v for v in json.loads(call(f"{block_router.url}/block/instances")[2])["instances"]}
+        if view[served_by]["running"] == 0 and view[served_by]["waiting"] == 0 \
+                and view[served_by]["in_flight"] == 0:
+            break
+        assert time.monotonic() < deadline, view[served_by]
+        time.sleep(0.1)
+
+
+def test_slo_admission_rejects_with_retry_after(start_router, instances):
+    router = start_router(instances, "--policy", "block", "--slo-ttft-ms", "0.001")
+    status, headers, body = call(f"{router.url}/generate", gen_body("hello", 4))
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    assert "exceeds the SLO" in json.loads(body)["error"]["message"]
+    metrics = call(f"{router.url}/metrics")[2].decode()
+    assert "block_router_slo_rejections_total 1.0" in metrics
+    report = json.loads(call(f"{router.url}/block/provisioning")[2])
+    assert report["recommendation"] == "scale_out" and report["slo_ttft_s"] == 1e-6
+
+
 def test_killed_instance_costs_no_unstarted_request(start_router, instances, third):
     """Concurrency 8 of streaming and non-streaming requests; one instance is SIGKILLed
     mid-run. Requests that had received no byte are retried elsewhere; streams already
