@@ -55,12 +55,19 @@ async def _replay(url: str, bodies: list[dict], rate: float, seed: int) -> list[
         ttft = None
         last = b""
         async with session.post(f"{url}/generate", json=body) as r:
+            if r.status != 200:
+                results.append({"error": f"HTTP {r.status}: {(await r.read())[:300]!r}"})
+                return
             async for line in r.content:
                 if line.startswith(b"data:") and b"[DONE]" not in line:
                     if ttft is None:
                         ttft = time.perf_counter() - start
                     last = line
-        meta = json.loads(last[5:])["meta_info"]
+        try:
+            meta = json.loads(last[5:])["meta_info"]
+        except (ValueError, KeyError):
+            results.append({"error": f"unexpected stream end: {last[:300]!r}"})
+            return
         results.append({"ttft": ttft, "e2e": time.perf_counter() - start,
                         "prompt": meta["prompt_tokens"], "cached": meta.get("cached_tokens", 0),
                         "instance": r.headers.get("X-Block-Instance")})
@@ -90,7 +97,11 @@ def _flush(urls: list[str]) -> None:
 
 
 def run_policy(policy: str, workers: list[str], bodies: list[dict], rate: float,
-               seed: int) -> dict:
+               seed: int, flush: bool = True) -> dict:
+    if flush:
+        _flush(workers)  # every policy starts from cold caches
+    print(f"replaying {len(bodies)} requests at {rate:g}/s through the router "
+          f"(--policy {policy}) ...", flush=True)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "block_sgl.launch_router", "--worker-urls",
                              *workers, "--port", str(port), "--policy", policy,
@@ -102,10 +113,16 @@ def run_policy(policy: str, workers: list[str], bodies: list[dict], rate: float,
     finally:
         proc.terminate()
         proc.wait(15)
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        print(f"  {len(errors)} of {len(results)} requests failed; first: {errors[0]}")
+    results = [r for r in results if "error" not in r]
+    if not results:
+        raise ClusterError(f"every request through --policy {policy} failed")
     ttft = np.array([r["ttft"] for r in results]) * 1e3
     e2e = np.array([r["e2e"] for r in results]) * 1e3
     share = {u: sum(r["instance"] == u for r in results) for u in workers}
-    return {"policy": policy, "requests": len(results),
+    return {"policy": policy, "requests": len(results), "errors": len(errors),
             "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p99_ms": float(np.percentile(ttft, 99)),
             "e2e_p50_ms": float(np.percentile(e2e, 50)), "e2e_p99_ms": float(np.percentile(e2e, 99)),
             "prefix_hit": sum(r["cached"] for r in results) / max(1, sum(r["prompt"] for r in results)),
@@ -122,12 +139,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=60)
     p.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second (Poisson)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker-urls", nargs="+", metavar="URL",
+                   help="use these running SGLang instances (started with --block-publish) "
+                        "instead of starting a local cluster")
     args = p.parse_args(argv)
     from block_sgl.router.policies import POLICY_NAMES
 
     unknown = [x for x in args.policies if x not in POLICY_NAMES]
     if unknown:
         raise SystemExit(f"error: unknown policies {unknown}; valid: {', '.join(POLICY_NAMES)}")
+    bodies = make_workload(args.requests, args.seed)
+    if args.worker_urls:
+        rows = [run_policy(policy, args.worker_urls, bodies, args.rate, args.seed, flush=True)
+                for policy in args.policies]
+        _print_table(rows, args.time_scale)
+        return
     from block_sgl.testing.cluster import port_in_use
 
     publish = []
@@ -141,25 +167,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"starting {args.instances} SGLang instances (emulating {args.emulate}, "
           f"time scale {args.time_scale}x) ...", flush=True)
     started = time.monotonic()
-    bodies = make_workload(args.requests, args.seed)
     rows = []
     try:
         with LocalCluster(config) as cluster:
             print(f"ready in {time.monotonic() - started:.0f} s: {', '.join(cluster.urls)}")
             for policy in args.policies:
-                _flush(cluster.urls)  # every policy starts from cold caches
-                print(f"replaying {len(bodies)} requests at {args.rate:g}/s through the router "
-                      f"(--policy {policy}) ...", flush=True)
-                rows.append(run_policy(policy, cluster.urls, bodies, args.rate, args.seed))
+                rows.append(run_policy(policy, cluster.urls, bodies, args.rate, args.seed,
+                                       flush=True))
     except ClusterError as e:
         raise SystemExit(f"error: {e}") from None
+    _print_table(rows, args.time_scale)
+
+
+def _print_table(rows: list[dict], time_scale: float) -> None:
     print(f"\n{'policy':<14}{'TTFT p50':>10}{'TTFT p99':>10}{'E2E p50':>10}{'E2E p99':>10}"
           f"{'prefix hit':>12}  requests per instance")
     for r in rows:
         print(f"{r['policy']:<14}{r['ttft_p50_ms']:>8.0f}ms{r['ttft_p99_ms']:>8.0f}ms"
               f"{r['e2e_p50_ms']:>8.0f}ms{r['e2e_p99_ms']:>8.0f}ms{r['prefix_hit']:>11.0%}  "
-              f"{r['share']}")
-    print(f"\n(wall-clock on this machine; emulated GPU time = these / {args.time_scale:g}; "
+              f"{r['share']}" + (f"  ({r['errors']} failed)" if r["errors"] else ""))
+    print(f"\n(wall-clock on this machine; emulated GPU time = these / {time_scale:g}; "
           "one short run, one seed: see benchmarks/e2e for the real comparison)")
 
 

@@ -32,6 +32,20 @@ _FORWARD_HEADERS = ("content-type", "authorization", "accept", "x-request-id")
 _RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 
 
+class _ClientGone(Exception):
+    """Writing to the client failed: it disconnected (never the instance's fault)."""
+
+
+async def _write(resp: web.StreamResponse, data: bytes) -> None:
+    # aiohttp's ClientConnectionResetError is both a ConnectionResetError and a
+    # ClientConnectionError; turn client-side write failures into one distinct exception so they
+    # are never mistaken for an instance failure (which would take the instance out of rotation).
+    try:
+        await resp.write(data)
+    except (ConnectionError, RuntimeError, aiohttp.ClientConnectionError) as e:
+        raise _ClientGone(str(e)) from e
+
+
 class BadRequest(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -74,6 +88,7 @@ class RouterApp:
         self.metrics = RouterMetrics()
         self.session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
+        self._aborts: set[asyncio.Task] = set()  # keep references until they finish
         self.app = web.Application(client_max_size=64 * 1024 ** 2,
                                    middlewares=[self._auth_middleware])
         self.app.router.add_post("/generate", self.handle_generate)
@@ -425,9 +440,12 @@ class RouterApp:
                         client_resp = web.StreamResponse(
                             status=upstream.status,
                             headers=_relay_headers(upstream.headers, worker.url))
-                        await client_resp.prepare(request)
+                        try:
+                            await client_resp.prepare(request)
+                        except (ConnectionError, RuntimeError, aiohttp.ClientConnectionError) as e:
+                            raise _ClientGone(str(e)) from e
                         _nodelay(request.transport)
-                    await client_resp.write(chunk)
+                    await _write(client_resp, chunk)
                     events += chunk.count(b"data:")
                     tail = chunk.rstrip()
                     if tail and not tail.endswith(b"[DONE]"):
@@ -435,11 +453,15 @@ class RouterApp:
                     if rid is None:
                         rid = _rid_from_sse(chunk)
                 output_tokens = _tokens_from_sse(last_event, events)
-                if client_resp is None:  # an empty stream: relay the status and headers
-                    client_resp = web.StreamResponse(
-                        status=upstream.status, headers=_relay_headers(upstream.headers, worker.url))
-                    await client_resp.prepare(request)
-                await client_resp.write_eof()
+                try:
+                    if client_resp is None:  # an empty stream: relay the status and headers
+                        client_resp = web.StreamResponse(
+                            status=upstream.status,
+                            headers=_relay_headers(upstream.headers, worker.url))
+                        await client_resp.prepare(request)
+                    await client_resp.write_eof()
+                except (ConnectionError, RuntimeError, aiohttp.ClientConnectionError) as e:
+                    raise _ClientGone(str(e)) from e
                 metrics.requests.labels(path, str(upstream.status)).inc()
                 return client_resp
             except _RETRYABLE as e:
@@ -454,20 +476,28 @@ class RouterApp:
                 msg = json.dumps({"error": {"message": f"block_sgl router: the instance "
                                   f"{worker.url} failed mid-stream ({err})",
                                   "type": "upstream_error", "code": 502}})
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await client_resp.write(f"data: {msg}\n\n".encode())
+                with contextlib.suppress(_ClientGone, ConnectionError, RuntimeError,
+                                         aiohttp.ClientConnectionError):
+                    await _write(client_resp, f"data: {msg}\n\n".encode())
                     await client_resp.write_eof()
                 router.mark_failure(decision.worker, f"stream broke: {err}", immediate=True)
                 metrics.requests.labels(path, "502").inc()
                 return client_resp
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, _ClientGone) as gone:
             # The client went away: close the upstream connection (SGLang aborts a request
             # whose connection closes) and abort explicitly when the rid is known.
             if upstream is not None:
                 upstream.close()
             if rid is not None:
-                asyncio.get_running_loop().create_task(self._abort(worker.url, rid))
-            raise
+                task = asyncio.get_running_loop().create_task(self._abort(worker.url, rid))
+                self._aborts.add(task)
+                task.add_done_callback(self._aborts.discard)
+            metrics.requests.labels(path, "499").inc()
+            if isinstance(gone, asyncio.CancelledError):
+                raise
+            # Nobody will read this; a non-None answer stops the caller from retrying.
+            return client_resp if client_resp is not None and client_resp.prepared \
+                else web.Response(status=499)
         finally:
             if upstream is not None:
                 upstream.release()
