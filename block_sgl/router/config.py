@@ -33,11 +33,13 @@ class HealthSettings:
     """Per-instance health checks and circuit breaker."""
 
     interval_s: float = 1.0
-    """Seconds between ``GET /health_generate``-free liveness checks (``GET /v1/models``)."""
-    timeout_s: float = 2.0
-    failures_to_open: int = 2
+    """Seconds between ``GET /health`` checks (SGLang answers it without running a request)."""
+    timeout_s: float = 5.0
+    failures_to_open: int = 3
     """Consecutive failed checks that take an instance out of rotation. A refused connection
-    on a request takes it out at once."""
+    on a request takes it out at once. A check that times out while the instance's block_sgl
+    stream is fresh does not count: its scheduler is demonstrably alive and its HTTP server
+    merely slow (a saturated CPU), and taking it out would only shift load onto the others."""
     successes_to_close: int = 1
     """Consecutive passed checks that put it back."""
 
@@ -83,6 +85,13 @@ class RouterConfig:
     run to it). Benchmarks that hide output lengths from the router turn this off."""
     default_output_len: int = 256
     """Output length assumed before any request has completed (no length model)."""
+    completions_from_stream: bool = False
+    """For callers that never learn when a request finishes (the in-engine DP controller,
+    ``block_sgl.hooks.dp``): follow requests through the instances' streams instead. Every
+    snapshot (not only the latest at decision time) is scanned for arrivals, which end pending
+    requests, and departures, whose last seen output lengths feed the mean output length;
+    ``InstanceView.in_flight`` (cache_aware's load, the others' tie-break) is running + waiting +
+    pending from the stream instead of this router's dispatched-minus-finished count."""
     max_retries: int = 2
     """Other instances tried when an instance fails before sending a byte."""
     request_timeout_s: float = 3600.0

@@ -133,7 +133,11 @@ class RouterApp:
         try:
             async with self.session.get(f"{w.url}/health", timeout=timeout) as r:
                 ok, why = r.status == 200, f"GET /health answered {r.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except asyncio.TimeoutError:
+            if not self.router.is_stale(w):
+                return  # slow HTTP server, live scheduler: not a failure (see HealthSettings)
+            ok, why = False, f"GET /health timed out after {timeout.total:g} s and the stream is stale"
+        except (aiohttp.ClientError, OSError) as e:
             ok, why = False, f"GET /health failed: {type(e).__name__}: {e}"
         if ok:
             self.router.mark_success(index)

@@ -160,7 +160,8 @@ def test_health_breaker_takes_instances_out_and_back():
     assert router.mark_failure(0, "refused", immediate=True)
     rv, ids = request(router)
     assert {router.decide(rv, ids).worker for _ in range(4)} == {1}
-    assert router.mark_failure(1, "timeout") is False  # 1 of 2 failures to open
+    assert router.mark_failure(1, "timeout") is False  # 1 of 3 failures to open
+    assert router.mark_failure(1, "timeout") is False
     assert router.mark_failure(1, "timeout") is True
     with pytest.raises(NoInstanceAvailable, match="http://w0:1: refused"):
         router.decide(rv, ids)
