@@ -1,10 +1,11 @@
 """ZMQ PUB + replay ROUTER fed by a bounded queue and one background thread.
 
 The scheduler thread only calls ``submit()`` (a non-blocking put; when the queue is full the
-message is dropped and counted). The publisher thread owns both sockets: it numbers messages
-(seq), sends them, keeps the last ``buffer_size`` for replay, tracks the full state (Hello, latest
-Snapshot, the set of cached page hashes) to answer a fresh subscriber, and answers replay
-requests. Framing and the replay protocol: ``block_sgl.protocol``.
+messages are dropped and counted). The publisher thread finishes ``Deferred`` messages (what the
+scheduler thread need not do itself, see ``hooks.scheduler``), encodes them, and owns both
+sockets: it numbers messages (seq), sends them, keeps the last ``buffer_size`` for replay, tracks
+the full state (Hello, latest Snapshot, the set of cached page hashes) to answer a fresh
+subscriber, and answers replay requests. Framing and the replay protocol: ``block_sgl.protocol``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ class PublisherError(RuntimeError):
     """The publish or replay endpoint could not be bound."""
 
 
+class Deferred:
+    """A message that the publisher thread completes (``finish()``, returning the protocol message,
+    or None to skip it) just before encoding it: work that need not be done on the scheduler
+    thread."""
+
+    __slots__ = ()
+
+    def finish(self):
+        raise NotImplementedError
+
+
 class Publisher:
     def __init__(self, endpoint: str, replay_endpoint: str, instance_id: str,
                  queue_size: int = 8192, buffer_size: int = 20000):
@@ -32,7 +44,11 @@ class Publisher:
         self.replay_endpoint = replay_endpoint
         self.instance_id = instance_id
         self._topic = instance_id.encode()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        # Items are tuples of messages. SimpleQueue (C): put() costs the scheduler thread a
+        # fraction of Queue.put_nowait(); the bound is checked in submit() (the scheduler thread
+        # is the only producer).
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue_size = queue_size
         self._buffer: collections.deque = collections.deque(maxlen=buffer_size)
         self._codec = p.Codec()
         self._stop = threading.Event()
@@ -71,14 +87,16 @@ class Publisher:
             raise PublisherError(f"cannot bind {endpoint}: {e}") from None
         return sock
 
-    def submit(self, message) -> bool:
-        """Queue a message for publishing; never blocks. False (and counted) when dropped."""
-        try:
-            self._queue.put_nowait(message)
-            return True
-        except queue.Full:
-            self.dropped += 1
+    def submit(self, *messages) -> bool:
+        """Queue messages for publishing, in this order; never blocks. They travel as one queue
+        item, so the publisher thread is woken once for all of them. False (and each message
+        counted in ``dropped``) when the queue is full."""
+        q = self._queue
+        if q.qsize() >= self._queue_size:
+            self.dropped += len(messages)
             return False
+        q.put(messages)
+        return True
 
     def close(self, timeout: float = 2.0) -> None:
         self._stop.set()
@@ -101,23 +119,36 @@ class Publisher:
         poller.register(self._router, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                message = self._queue.get(timeout=0.005)
+                messages = self._queue.get(timeout=0.005)
             except queue.Empty:
-                message = None
+                messages = None
             try:
-                while message is not None:
-                    self._send(message)
+                while messages is not None:
+                    for message in messages:
+                        self._send(message)
                     try:
-                        message = self._queue.get_nowait()
+                        messages = self._queue.get_nowait()
                     except queue.Empty:
-                        message = None
+                        messages = None
                 while poller.poll(0):
                     self._serve_replay()
             except Exception:  # never let the thread die silently; keep publishing
                 logger.exception("block_sgl publisher thread error")
 
+    def prepare(self, message):
+        """The publisher thread's work on one submitted message before it is sent: finish it if
+        deferred, encode it. Returns (message, payload), or None when there is nothing to send."""
+        if isinstance(message, Deferred):
+            message = message.finish()
+            if message is None:
+                return None
+        return message, self._codec.encode(message)
+
     def _send(self, message) -> None:
-        payload = self._codec.encode(message)
+        prepared = self.prepare(message)
+        if prepared is None:
+            return
+        message, payload = prepared
         seq = self._next_seq
         self._next_seq += 1
         self._pub.send_multipart([self._topic, p.pack_seq(seq), payload], copy=False)

@@ -13,8 +13,17 @@ Radix-cache events come through SGLang's own KV-event path: block_sgl registers 
 ``EventPublisher`` named ``block_sgl`` and sets ``--kv-events-config`` to it, so cache events enter
 the same ordered stream.
 
-Nothing here may hurt the scheduler: every hook body runs under ``_guard`` (exceptions are
-caught, counted, logged once per kind), and publishing is a non-blocking queue put.
+Nothing here may hurt the scheduler: every hook body catches its exceptions (counted, logged once
+per kind), and publishing is a non-blocking queue put.
+
+What runs where (costs: ``benchmarks/micro/README_hooks.md``): per step the scheduler thread
+appends one step record; per published snapshot it captures only what can change while a request
+lives — which requests are running / waiting / chunked, their output and prefix lengths, the
+scalar fields — and queues that with the batched step records in one put. The publisher thread
+then finishes the Snapshot (``_CapturedSnapshot``: the static columns rid, input_len,
+max_new_tokens, ignore_eos come from a per-request cache, reused whole while a group holds the
+same requests) and encodes it. Subscribers receive the same messages as when everything was read
+on the scheduler thread.
 """
 
 from __future__ import annotations
@@ -26,12 +35,11 @@ import time
 
 from block_sgl import protocol as p
 from block_sgl.hooks.flags import HookSettings, parse_endpoint
-from block_sgl.hooks.publisher import Publisher, PublisherError
+from block_sgl.hooks.publisher import Deferred, Publisher, PublisherError
 
 logger = logging.getLogger(__name__)
 
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
-KV_EVENTS_CONFIG = '{"publisher": "block_sgl", "endpoint": ""}'
 """Routes SGLang's radix-cache events to block_sgl's in-process publisher. An empty endpoint
 keeps SGLang's own load publisher (which derives ports from it) off."""
 FAULT_ENV = "BLOCK_SGL_FAULT_INJECT"
@@ -46,27 +54,106 @@ def endpoints_for_rank(publish: str, dp_rank: int) -> tuple[str, str]:
             f"tcp://{host}:{port + p.REPLAY_PORT_OFFSET + dp_rank}")
 
 
-_RID = operator.attrgetter("rid")
-_INPUT = operator.attrgetter("origin_input_ids")
 _OUTPUT = operator.attrgetter("output_ids")
-_CACHED = operator.attrgetter("cached_tokens")
-_PREFIX = operator.attrgetter("prefix_len")
-_PARAMS = operator.attrgetter("sampling_params")
-_MAX_NEW = operator.attrgetter("max_new_tokens")
-_IGNORE_EOS = operator.attrgetter("ignore_eos")
+_CACHED_PREFIX = operator.attrgetter("cached_tokens", "prefix_len")
+_is = operator.is_
+_EMPTY_LIST: list = []
+_EMPTY_COLUMNS = p.RequestColumns()
+"""Shared by every snapshot with an empty group (nothing mutates a published message)."""
 
 
-def _columns(reqs) -> p.RequestColumns:
-    # map() over attrgetters keeps the per-request work in C: this runs on the scheduler thread
-    # for every published snapshot (see benchmarks/micro/bench_hooks.py).
-    params = list(map(_PARAMS, reqs))
-    return p.RequestColumns(
-        rid=list(map(_RID, reqs)),
-        input_len=list(map(len, map(_INPUT, reqs))),
-        prefix_len=list(map(max, map(_CACHED, reqs), map(_PREFIX, reqs))),
-        output_len=list(map(len, map(_OUTPUT, reqs))),
-        max_new_tokens=list(map(_MAX_NEW, params)),
-        ignore_eos=list(map(bool, map(_IGNORE_EOS, params))))
+def _static_row(req) -> tuple:
+    # The row holds req: while its id() is a key of the row dict, no other object can have it.
+    params = req.sampling_params
+    return (req.rid, len(req.origin_input_ids), params.max_new_tokens, bool(params.ignore_eos), req)
+
+
+class _Group:
+    """The static columns (rid, input_len, max_new_tokens, ignore_eos) of one group of requests
+    (running, waiting or chunked), kept from one snapshot to the next."""
+
+    __slots__ = ("reqs", "ids", "rows", "static")
+
+    def __init__(self):
+        self.reqs: list = []    # the requests behind ``static`` (held: `is` comparisons stay sound)
+        self.ids: list = []     # their id()s and static rows, to rebuild the shared dict after a
+        self.rows: list = []    # change
+        self.static: tuple = (_EMPTY_LIST,) * 4
+
+    def update(self, reqs: list, rows: dict) -> bool:
+        """Make ``static`` describe ``reqs`` (a list nobody mutates); True if they changed."""
+        if not reqs:
+            changed = bool(self.reqs)
+            self.reqs = self.ids = self.rows = _EMPTY_LIST
+            return changed
+        if len(reqs) == len(self.reqs) and all(map(_is, reqs, self.reqs)):
+            return False
+        ids = list(map(id, reqs))
+        got = list(map(rows.get, ids))
+        if not all(got):
+            for i, row in enumerate(got):
+                if row is None:
+                    req = reqs[i]
+                    got[i] = rows[id(req)] = _static_row(req)
+        rid, input_len, max_new, ignore_eos, _ = map(list, zip(*got))
+        self.static = (rid, input_len, max_new, ignore_eos)
+        self.reqs, self.ids, self.rows = reqs, ids, got
+        return True
+
+
+class _SnapshotAssembler:
+    """Turns captured snapshots into ``Snapshot`` messages; used by one thread at a time (the
+    publisher thread). A request's rid, input_len, max_new_tokens and ignore_eos are fixed once
+    SGLang has queued it (``Scheduler.handle_generate_request`` pads, truncates, clips and aborts
+    before ``_add_request_to_queue``), so they are read once per request and a group's static
+    columns are reused while it holds the same requests in the same order."""
+
+    def __init__(self):
+        self.rows: dict[int, tuple] = {}  # id(req) -> _static_row(req), for the requests held below
+        self.groups = (_Group(), _Group(), _Group())  # running, waiting, chunked
+
+    def assemble(self, captured: tuple, fields: dict) -> p.Snapshot:
+        rows, columns, changed = self.rows, [], False
+        for group, (reqs, prefix_len, output_len) in zip(self.groups, captured):
+            changed |= group.update(reqs, rows)
+            if reqs:
+                rid, input_len, max_new, ignore_eos = group.static
+                columns.append(p.RequestColumns(
+                    rid=rid, input_len=input_len, prefix_len=prefix_len, output_len=output_len,
+                    max_new_tokens=max_new, ignore_eos=ignore_eos))
+            else:
+                columns.append(_EMPTY_COLUMNS)
+        if changed:  # keep only the rows of the requests held now (releases finished ones)
+            rows = self.rows = {}
+            for group in self.groups:
+                rows.update(zip(group.ids, group.rows))
+        running, waiting, chunked = columns
+        return p.Snapshot(running=running, waiting=waiting, chunked=chunked, **fields)
+
+
+def _capture(reqs: list) -> tuple:
+    """On the scheduler thread: what changes while a request lives, read now."""
+    if not reqs:
+        return _EMPTY_LIST, _EMPTY_LIST, _EMPTY_LIST
+    return (reqs, [q if q > c else c for c, q in map(_CACHED_PREFIX, reqs)],  # max(c, q)
+            list(map(len, map(_OUTPUT, reqs))))
+
+
+class _CapturedSnapshot(Deferred):
+    """A snapshot as the scheduler thread took it (requests, their output and prefix lengths,
+    the scalar fields); the publisher thread makes the ``Snapshot`` out of it (``finish``)."""
+
+    __slots__ = ("tap", "captured", "fields")
+
+    def __init__(self, tap: "SchedulerTap", captured: tuple, fields: dict):
+        self.tap, self.captured, self.fields = tap, captured, fields
+
+    def finish(self) -> p.Snapshot | None:
+        try:
+            return self.tap._assembler.assemble(self.captured, self.fields)
+        except Exception:
+            self.tap._failed("snapshot")
+            return None
 
 
 def _mode_name(mode) -> str:
@@ -93,6 +180,8 @@ class SchedulerTap:
         self._previous_step_end: float | None = None
         self._steps = p.StepRecords(instance_id="")
         self._steps_total = 0
+        self._modes: dict = {}  # forward mode -> (name, is_decode)
+        self._assembler = _SnapshotAssembler()  # the publisher thread's (see _CapturedSnapshot)
         self.errors = 0
         self.hook_seconds = 0.0
         self._logged_kinds: set[str] = set()
@@ -190,71 +279,91 @@ class SchedulerTap:
     def _record_step(self, batch, now: float) -> None:
         s = self._steps
         mode = batch.forward_mode
+        known = self._modes.get(mode)  # SGLang's ForwardMode: an IntEnum, one entry per member
+        if known is None:
+            known = self._modes[mode] = (_mode_name(mode), bool(mode.is_decode()))
+        name, is_decode = known
         started = self._previous_step_end or self._step_started or now
         self._step_started = None
         self._previous_step_end = now
         reqs = len(batch.reqs)
-        if mode.is_decode():
-            extend, prefix, pairs, decode_reqs = 0, 0, 0.0, reqs
-            decode_ctx = int(batch.seq_lens_sum or 0)
+        kv_tokens = int(batch.seq_lens_sum or 0)
+        if is_decode:
+            extend, prefix, pairs, decode_reqs, decode_ctx = 0, 0, 0.0, reqs, kv_tokens
         else:
             extend_lens = batch.extend_lens or []
             prefix_lens = batch.prefix_lens or [0] * len(extend_lens)
             extend, prefix = int(sum(extend_lens)), int(sum(prefix_lens))
             pairs = float(sum(e * (q + (e + 1) / 2.0) for e, q in zip(extend_lens, prefix_lens)))
             decode_reqs, decode_ctx = 0, 0
-        s.forward_mode.append(_mode_name(mode))
+        s.forward_mode.append(name)
         s.num_reqs.append(reqs)
         s.extend_tokens.append(extend)
         s.prefix_tokens.append(prefix)
         s.prefill_context_tokens.append(pairs)
         s.decode_reqs.append(decode_reqs)
         s.decode_context_tokens.append(decode_ctx)
-        s.kv_tokens.append(int(batch.seq_lens_sum or 0))
+        s.kv_tokens.append(kv_tokens)
         s.duration_s.append(now - started)
         s.end_time.append(time.time())
         self._steps_total += 1
 
-    def _flush_steps(self) -> None:
-        if self._steps.num_reqs:
-            self.publisher.submit(self._steps)
-            self._steps = p.StepRecords(instance_id=self.instance_id)
+    def _take_steps(self) -> p.StepRecords | None:
+        """The step records batched since the last publish (None if there are none)."""
+        steps = self._steps
+        if not steps.num_reqs:
+            return None
+        self._steps = p.StepRecords(instance_id=self.instance_id)
+        return steps
 
-    def build_snapshot(self, scheduler) -> p.Snapshot:
+    def capture_snapshot(self, scheduler) -> _CapturedSnapshot:
+        """The scheduler thread's part of a Snapshot: which requests, the per-step values."""
         if self._fault == "snapshot" and self._faults_left != 0:
             self._faults_left -= 1
             raise RuntimeError("injected fault (BLOCK_SGL_FAULT_INJECT=snapshot)")
-        running = list(scheduler.running_batch.reqs)
+        running = scheduler.running_batch.reqs
         last = scheduler.last_batch
         chunked = scheduler.chunked_req
         if last is not None and not last.forward_mode.is_decode():
             # Freshly prefilled requests join running_batch at the next scheduling round.
             seen = {r.rid for r in running}
-            running += [r for r in last.reqs if r.rid not in seen and r is not chunked
-                        and not r.finished()]
+            running = list(running) + [r for r in last.reqs if r.rid not in seen
+                                       and r is not chunked and not r.finished()]
         running = [r for r in running if not r.finished()]
-        return p.Snapshot(
+        captured = (_capture(running), _capture(list(scheduler.waiting_queue)),
+                    _capture([chunked] if chunked is not None else _EMPTY_LIST))
+        return _CapturedSnapshot(self, captured, dict(
             instance_id=self.instance_id, time=time.time(), forward_ct=int(scheduler.forward_ct),
-            running=_columns(running), waiting=_columns(scheduler.waiting_queue),
             chunked_rid=chunked.rid if chunked is not None else None,
-            chunked=_columns([chunked] if chunked is not None else []),
             chunked_done_tokens=int(chunked.prefix_len) if chunked is not None else 0,
             free_tokens=int(scheduler.token_to_kv_pool_allocator.available_size()),
             evictable_tokens=int(scheduler.tree_cache.evictable_size()),
             max_total_num_tokens=int(scheduler.max_total_num_tokens),
             new_token_ratio=float(scheduler.new_token_ratio_tracker.current),
             steps_total=self._steps_total, dropped_total=self.publisher.dropped,
-            errors_total=self.errors, hook_seconds_total=self.hook_seconds)
+            errors_total=self.errors, hook_seconds_total=self.hook_seconds))
+
+    def build_snapshot(self, scheduler) -> p.Snapshot:
+        """A whole Snapshot on the calling thread (tests, tools; not the publishing path), without
+        the publisher thread's cache of static columns."""
+        captured = self.capture_snapshot(scheduler)
+        return _SnapshotAssembler().assemble(captured.captured, captured.fields)
 
     def _publish_snapshot(self, scheduler, now: float) -> None:
         self._last_snapshot = now
-        self._flush_steps()
+        steps = self._take_steps()
         try:
-            snapshot = self.build_snapshot(scheduler)
+            snapshot = self.capture_snapshot(scheduler)
         except Exception:
             self._failed("snapshot")
+            if steps is not None:
+                self.publisher.submit(steps)
             return
-        self.publisher.submit(snapshot)
+        # One queue item, one wake-up of the publisher thread; the steps go first, as before.
+        if steps is not None:
+            self.publisher.submit(steps, snapshot)
+        else:
+            self.publisher.submit(snapshot)
 
     # -- radix-cache events (SGLang EventPublisher interface) ------------------------------
     def make_kv_event_publisher(self, **config):
