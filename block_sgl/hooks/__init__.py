@@ -15,6 +15,7 @@ import sys
 from block_sgl.hooks.flags import HookSettings, SettingsError
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+DP_CONTROLLER_MODULE = "sglang.srt.managers.data_parallel_controller"
 
 
 def register() -> None:
@@ -38,6 +39,12 @@ def register() -> None:
         from block_sgl.hooks import scheduler
 
         scheduler.install(settings)
+    if settings.dp_policy and DP_CONTROLLER_MODULE in sys.modules:
+        # Only where SGLang's DP controller can run (its process imported the module before
+        # loading plugins); elsewhere resolving the hook target would import it for nothing.
+        from block_sgl.hooks import dp
+
+        dp.install(settings)
 
 
 def _add_cli_args_hook(result, parser):
@@ -54,6 +61,10 @@ def _from_cli_args_hook(result, cls, args):
         settings = export_cli_args(args)
         if settings.publish and result is not None:
             _route_kv_events_to_block_sgl(result, settings.publish)
+        if settings.dp_policy and result is not None:
+            require_total_tokens(result, settings.dp_policy)
+        if settings.dp_length_model:
+            _check_length_model(settings.dp_length_model)
     except SettingsError as e:
         print(f"block_sgl: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -85,3 +96,38 @@ def _route_kv_events_to_block_sgl(server_args, publish_endpoint: str) -> None:
             "the radix-cache events itself (same stream as the scheduler state); drop "
             "--kv-events-config or BLOCK_SGL_PUBLISH")
     server_args.kv_events_config = ours
+
+
+def require_total_tokens(server_args, policy: str) -> None:
+    """``--block-dp-policy`` replaces SGLang's total_tokens dispatch: it needs DP ranks and
+    ``--load-balance-method total_tokens``, which is set here when the user left the default."""
+    ranks = (int(getattr(server_args, "dp_size", 1) or 1)
+             * int(getattr(server_args, "attn_dp_size", 1) or 1))
+    if ranks < 2:
+        raise SettingsError(
+            f"BLOCK_SGL_DP_POLICY={policy!r} (--block-dp-policy) routes between data-parallel "
+            "ranks: start the server with --dp-size N (N >= 2), or drop the setting")
+    if getattr(server_args, "disaggregation_mode", "null") not in (None, "null", "decode"):
+        raise SettingsError(
+            f"BLOCK_SGL_DP_POLICY={policy!r} (--block-dp-policy) cannot route a PD prefill "
+            "server: its DP ranks must follow the bootstrap room")
+    method = getattr(server_args, "load_balance_method", "auto")
+    if method in (None, "auto"):
+        server_args.load_balance_method = "total_tokens"
+    elif method != "total_tokens":
+        raise SettingsError(
+            f"--load-balance-method {method} conflicts with BLOCK_SGL_DP_POLICY={policy!r} "
+            "(--block-dp-policy): block_sgl dispatches in place of SGLang's total_tokens method; "
+            "drop --load-balance-method (block_sgl sets total_tokens) or pass "
+            "--load-balance-method total_tokens, or drop --block-dp-policy")
+
+
+def _check_length_model(path: str) -> None:
+    """Load the length model once at start so that a bad one stops the server here, not in
+    the DP controller."""
+    try:
+        from block_sgl.predictor.length import LengthPredictor
+
+        LengthPredictor.load(path)
+    except (ValueError, OSError, ImportError) as e:
+        raise SettingsError(f"BLOCK_SGL_DP_LENGTH_MODEL={path!r}: {e}") from None

@@ -61,6 +61,26 @@ def _profile(name: str, raw: str) -> str:
     return raw
 
 
+DP_POLICIES = ("block", "block_ttft", "cache_aware", "least_tokens", "round_robin")
+"""Policies ``--block-dp-policy`` accepts (same names and semantics as the router's)."""
+
+
+def _dp_policy(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value not in DP_POLICIES:
+        raise SettingsError(f"{name}={raw!r} is not a DP routing policy; valid values: "
+                            f"{', '.join(DP_POLICIES)}")
+    return value
+
+
+def _length_model_dir(name: str, raw: str) -> str:
+    path = os.path.expanduser(raw.strip())
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise SettingsError(f"{name}={raw!r} is not a length-model directory (no metadata.json); "
+                            "train one with python -m block_sgl.predictor.train_length")
+    return path
+
+
 _ZMQ_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>\d{1,5})$")
 
 
@@ -122,6 +142,14 @@ SETTINGS: tuple[Setting, ...] = (
             "small against step time; report it with every number).", "FACTOR"),
     Setting("BLOCK_SGL_EMULATE_SEED", "--block-emulate-seed", _int, None,
             "Seed of the emulator's step-time sampling (default: fresh entropy).", "INT"),
+    Setting("BLOCK_SGL_DP_POLICY", "--block-dp-policy", _dp_policy, None,
+            "Under --dp-size N: SGLang's DataParallelController dispatches each request with this "
+            f"block_sgl routing policy ({', '.join(DP_POLICIES)}) over the DP ranks' state "
+            "streams. Needs --block-publish; sets --load-balance-method total_tokens (the hooked "
+            "method).", "NAME"),
+    Setting("BLOCK_SGL_DP_LENGTH_MODEL", "--block-dp-length-model", _length_model_dir, None,
+            "With --block-dp-policy: predict output lengths with this length model "
+            "(python -m block_sgl.predictor.train_length) instead of the running mean.", "DIR"),
 )
 
 
@@ -138,6 +166,8 @@ class HookSettings:
     emulate: str | None = None
     time_scale: float = 1.0
     emulate_seed: int | None = None
+    dp_policy: str | None = None
+    dp_length_model: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "HookSettings":
@@ -153,6 +183,14 @@ class HookSettings:
                 raise SettingsError(
                     f"BLOCK_SGL_PUBLISH={settings.publish!r} binds a non-loopback address; set "
                     "BLOCK_SGL_PUBLISH_ALLOW_REMOTE=1 (--block-publish-allow-remote) to allow it")
+        if settings.dp_policy and not settings.publish:
+            raise SettingsError(
+                f"BLOCK_SGL_DP_POLICY={settings.dp_policy!r} needs the DP ranks' state streams: "
+                "set BLOCK_SGL_PUBLISH (--block-publish tcp://127.0.0.1:PORT; rank r publishes "
+                "on PORT+r)")
+        if settings.dp_length_model and not settings.dp_policy:
+            raise SettingsError("BLOCK_SGL_DP_LENGTH_MODEL is only used with BLOCK_SGL_DP_POLICY "
+                                "(--block-dp-policy); set both or neither")
         return settings
 
 

@@ -15,6 +15,7 @@ No I/O: the proxy (``proxy.py``) owns HTTP; this module is testable without a ne
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -76,6 +77,13 @@ class Worker:
     stream: object = None
     """Its ``ingest.InstanceState`` (the subscriber replaces the messages inside)."""
     _snapshot_seen: object = None
+    arrivals: collections.deque = dataclasses.field(default_factory=collections.deque)
+    """(rid, input_len, snapshot time) of requests new in a snapshot (``completions_from_stream``
+    only; appended by the subscriber thread, consumed by the deciding thread)."""
+    departures: collections.deque = dataclasses.field(default_factory=collections.deque)
+    """(rid, last seen output length) of requests gone from the snapshots (same)."""
+    _tracked: dict = dataclasses.field(default_factory=dict)
+    """rid → output length (0 while waiting) in the last snapshot (subscriber thread only)."""
     _load: tuple = (0, 0, 0, 0, 0, 0)
     """Figures of the last snapshot: running, waiting, queued prefill, used KV, free KV, total."""
     _pending_queued: int = 0
@@ -150,8 +158,9 @@ class Router:
             w.calibrator = OnlineCalibrator()
             self._by_endpoint[e] = w
         factory = self._subscriber_factory or StreamSubscriber
+        extra = {"on_snapshot": self._on_snapshot} if self.config.completions_from_stream else {}
         self.subscriber = factory(list(endpoints), stale_after_s=self.config.stale_after_s,
-                                  on_cache_event=self._on_cache, on_steps=self._on_steps)
+                                  on_cache_event=self._on_cache, on_steps=self._on_steps, **extra)
         for w in self.workers:
             w.stream = self.subscriber.states[w.endpoint]
         self.subscriber.start()
@@ -171,6 +180,30 @@ class Router:
             worker.calibrator.observe(records.extend_tokens[i], records.prefill_context_tokens[i],
                                       records.decode_reqs[i], records.decode_context_tokens[i],
                                       records.duration_s[i])
+
+    def _on_snapshot(self, endpoint: str, snap: p.Snapshot) -> None:
+        """Every snapshot of an instance (``completions_from_stream``): note the requests that
+        appeared and those that left since the previous one."""
+        worker = self._by_endpoint.get(endpoint)
+        if worker is None:
+            return
+        try:
+            current = dict.fromkeys(snap.waiting.rid, 0)
+            current.update(dict.fromkeys(snap.chunked.rid, 0))
+            current.update(zip(snap.running.rid, snap.running.output_len))
+            before = worker._tracked
+            for cols in (snap.running, snap.waiting, snap.chunked):
+                for rid, n in zip(cols.rid, cols.input_len):
+                    if rid not in before:
+                        worker.arrivals.append((rid, n, snap.time))
+            for rid in before.keys() - current.keys():
+                worker.departures.append((rid, before[rid]))
+            worker._tracked = current
+        except Exception:  # never stop the subscriber thread (every stream depends on it)
+            errors = self.stats["snapshot_listener_errors"] = \
+                self.stats.get("snapshot_listener_errors", 0) + 1
+            if errors == 1:
+                logger.exception("following requests in %s's snapshot failed", endpoint)
 
     def stream_state(self, worker: Worker):
         return worker.stream
@@ -222,12 +255,9 @@ class Router:
             for cols in (snap.running, snap.waiting, snap.chunked):
                 rids.update(zip(cols.rid, cols.input_len))
             current = frozenset(rids)
-            for rid in current - worker.seen_rids:
-                match = next((k for k, r in worker.pending.items()
-                              if r.input_len == rids[rid] and r.dispatched_at <= snap.time), None)
-                if match is not None:
-                    worker.rid_pred[rid] = self._unpend(worker, match).pred_output_len
-                    self.stats["pending_matched"] += 1
+            if not self.config.completions_from_stream:
+                for rid in current - worker.seen_rids:
+                    self._match_pending(worker, rid, rids[rid], snap.time)
             for rid in worker.seen_rids - current:
                 worker.rid_pred.pop(rid, None)
             worker.seen_rids = current
@@ -238,6 +268,8 @@ class Router:
             worker._load = (len(r), len(w) + len(c), max(queued, 0),
                             sum(r.input_len) + sum(r.output_len),
                             snap.free_tokens + snap.evictable_tokens, snap.max_total_num_tokens)
+        if self.config.completions_from_stream:
+            self._follow_requests(worker)
         if worker.pending and now - worker._oldest_pending > self.config.pending_ttl_s:
             ttl = self.config.pending_ttl_s
             for k in [k for k, r in worker.pending.items() if now - r.dispatched_at > ttl]:
@@ -246,6 +278,29 @@ class Router:
             worker._oldest_pending = min((r.dispatched_at for r in worker.pending.values()),
                                          default=now)
         return snap
+
+    def _match_pending(self, worker: Worker, rid: str, input_len: int, seen_at: float) -> None:
+        """A request new on the instance ends the pending request it most likely is (same
+        prompt length, dispatched before the snapshot)."""
+        match = next((k for k, r in worker.pending.items()
+                      if r.input_len == input_len and r.dispatched_at <= seen_at), None)
+        if match is not None:
+            worker.rid_pred[rid] = self._unpend(worker, match).pred_output_len
+            self.stats["pending_matched"] += 1
+
+    def _follow_requests(self, worker: Worker) -> None:
+        """``completions_from_stream``: arrivals and departures from every snapshot since the
+        last decision (a request may come and go between two decisions)."""
+        arrivals, departures = worker.arrivals, worker.departures
+        while arrivals:
+            rid, input_len, seen_at = arrivals.popleft()
+            self._match_pending(worker, rid, input_len, seen_at)
+        while departures:
+            rid, output_len = departures.popleft()
+            worker.rid_pred.pop(rid, None)
+            if output_len > 0:  # its last seen length: a few tokens short at most
+                self.completed_requests += 1
+                self.completed_output_tokens += output_len
 
     @staticmethod
     def _unpend(worker: Worker, key: int) -> PendingRequest:
@@ -328,7 +383,9 @@ class Router:
             total = free = st.hello.max_total_num_tokens if st is not None and st.hello else 0
         cached = self.cached_prefix_tokens(worker, hashes_by_size, now_mono) \
             if request.input_len else 0
-        v = InstanceView(worker.index, worker.url, stale, worker.in_flight, running,
+        in_flight = running + waiting + len(worker.pending) if self.config.completions_from_stream \
+            else worker.in_flight
+        v = InstanceView(worker.index, worker.url, stale, in_flight, running,
                          waiting + len(worker.pending), queued + worker._pending_queued, used,
                          free, total, min(cached, max(request.input_len - 1, 0)))
         return v, snap
@@ -366,6 +423,19 @@ class Router:
         size = self._page_size(self.workers[choice]) or 0
         return Decision(worker=choice, request=request, views=views, chosen=chosen,
                         pages=hashes_by_size.get(size), page_size=size,
+                        decided_in_s=time.perf_counter() - started)
+
+    def assign(self, request: RequestView, token_ids: list[int] | None, index: int) -> Decision:
+        """A Decision for a request whose instance was chosen elsewhere (no policy involved,
+        e.g. SGLang's ``routed_dp_rank``), so that ``dispatched`` / ``remember_prefix`` account
+        for it like for the router's own picks."""
+        started = time.perf_counter()
+        w = self.workers[index]
+        size = self._page_size(w)
+        hashes_by_size = {size: PromptPages(token_ids, size)} if token_ids and size else {}
+        v, _ = self.view(w, request, hashes_by_size, self._clock(), time.monotonic())
+        return Decision(worker=index, request=request, views=[v], chosen=v,
+                        pages=hashes_by_size.get(size), page_size=size or 0,
                         decided_in_s=time.perf_counter() - started)
 
     def _predict(self, request: RequestView, workers: list[Worker], pairs, now: float):

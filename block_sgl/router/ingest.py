@@ -62,11 +62,16 @@ StepsListener = Callable[[str, p.StepRecords], None]
 """Called (in the subscriber thread) with (publish endpoint, StepRecords) in stream order;
 records replayed after a gap are delivered too, a full-state reload carries none."""
 
+SnapshotListener = Callable[[str, p.Snapshot], None]
+"""Called (in the subscriber thread) with (publish endpoint, Snapshot) for every snapshot
+applied, in stream order (replayed ones and the one of a full-state reload included)."""
+
 
 class StreamSubscriber:
     def __init__(self, publish_endpoints: list[str], stale_after_s: float = 3.0,
                  on_cache_event: CacheListener | None = None, replay_timeout_s: float = 2.0,
-                 on_steps: StepsListener | None = None):
+                 on_steps: StepsListener | None = None,
+                 on_snapshot: SnapshotListener | None = None):
         if not publish_endpoints:
             raise ValueError("at least one publish endpoint is needed")
         for e in publish_endpoints:
@@ -75,6 +80,7 @@ class StreamSubscriber:
         self.replay_timeout_s = replay_timeout_s
         self._on_cache_event = on_cache_event
         self._on_steps = on_steps
+        self._on_snapshot = on_snapshot
         self.states = {e: InstanceState(endpoint=e) for e in publish_endpoints}
         self._codec = p.Codec()
         self._stop = threading.Event()
@@ -223,6 +229,8 @@ class StreamSubscriber:
         if isinstance(message, p.Snapshot):
             state.snapshot = message
             state.instance_id = message.instance_id
+            if self._on_snapshot is not None:
+                self._on_snapshot(state.endpoint, message)
         elif isinstance(message, p.Hello):
             state.hello = message
             state.instance_id = message.instance_id

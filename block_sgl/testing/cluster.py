@@ -151,6 +151,10 @@ class LocalCluster:
         env.update(dict(c.env))
         if index < len(c.per_instance_env):
             env.update(dict(c.per_instance_env[index]))
+        ranks = dp_ranks(c.extra_args)
+        if ranks > 1 and not env.get("SGLANG_CPU_OMP_THREADS_BIND"):
+            # SGLang on CPU refuses more ranks than NUMA nodes unless each rank gets its cores.
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_bind_groups(ranks)
         return env
 
     def start(self) -> None:
@@ -253,6 +257,31 @@ def live_group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry.name))
     return members
+
+
+def dp_ranks(args) -> int:
+    """The ``--dp-size`` (``--data-parallel-size``) among launch_server arguments (1 if none)."""
+    args = list(args)
+    for i, a in enumerate(args):
+        for flag in ("--dp-size", "--data-parallel-size", "--dp"):
+            if a == flag and i + 1 < len(args):
+                return int(args[i + 1])
+            if a.startswith(flag + "="):
+                return int(a.split("=", 1)[1])
+    return 1
+
+
+def cpu_bind_groups(ranks: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``ranks`` DP ranks on this machine: the usable cores
+    split into ``ranks`` groups (cores shared round-robin when there are fewer cores than ranks).
+    SGLang needs it on CPU for more ranks than NUMA nodes (``numa_utils.init_threads_binding``);
+    the binding itself only applies with Intel AMX / arm64 kernels."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        list(range(os.cpu_count() or 1))
+    if len(cores) < ranks:
+        return "|".join(str(cores[r % len(cores)]) for r in range(ranks))
+    per = len(cores) // ranks
+    return "|".join(",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(ranks))
 
 
 def _distinct_free_ports(n: int) -> list[int]:
