@@ -7,9 +7,9 @@ invariant under a monotone transform, and trees split the log scale more evenly)
 
 Inference does not call XGBoost: at load the booster's trees are compiled into complete binary
 trees stored level by level in numpy arrays (``TreeEnsemble``), and a prediction walks all trees
-at once, one vectorised step per level — about as many numpy calls as the trees are deep,
-whatever their number. XGBoost's own ``predict`` costs hundreds of µs per single row (thread
-pool, proxy DMatrix); this costs tens (see ``eval_length`` for the measured figure). Parity with
+at once, one ``take`` per level — about ten numpy calls whatever the number of trees. XGBoost's
+own ``predict`` costs hundreds of µs per single row (thread pool, proxy DMatrix); this costs a
+few (see ``block_sgl/predictor/README.md`` for the measured figures). Parity with
 ``Booster.predict`` is a unit test.
 
 Saved model = a directory with ``model.ubj`` (the XGBoost booster, UBJSON) and
@@ -32,10 +32,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from block_sgl.predictor.features import (GRAM_TARGETS, FeatureConfig, PromptFeaturizer,
-                                          normalize_prompt)
+                                          _messages)
 
 LENGTH_MODEL_SCHEMA = "block_sgl.length_model"
-LENGTH_MODEL_VERSION = 1
+LENGTH_MODEL_VERSION = 2
 MODEL_FILE = "model.ubj"
 GRAMS_FILE = "gram_weights.npy"
 METADATA_FILE = "metadata.json"
@@ -60,7 +60,7 @@ class LengthModelConfig:
     log_target: bool = True
     """Fit log(1 + tokens) instead of tokens."""
     seed: int = 0
-    nthread: int = 2
+    nthread: int = 1
     """XGBoost threads; fixed so that training is reproducible."""
     multi_output_trees: bool = True
     """One tree per round predicting both quantiles (XGBoost ``multi_output_tree``): half the
@@ -96,9 +96,10 @@ class TreeEnsemble:
     depth ``D`` becomes a chain of always-left nodes) and stored level by level, all levels in
     one array: level ``d`` starts at ``n_trees * (2**d - 1)`` and from node ``a`` of level ``d``
     the next node is ``2 * a + n_trees + go_right``, for every tree at once. A prediction tests
-    every node in two numpy calls, then gathers one level at a time and sums the leaves: about
-    ``3 * D + 6`` numpy calls whatever the number of trees. Leaves are vectors (one value per
-    output), so both XGBoost layouts work: one tree per output (``tree_info`` = output) and
+    every node in two numpy calls, turns the outcomes into each node's next node in a third
+    (``step = left child + go_right``), then moves every tree one level down per ``take`` and
+    sums the leaves: ``D + 5`` numpy calls whatever the number of trees. Leaves are vectors (one
+    value per output), so both XGBoost layouts work: one tree per output (``tree_info`` = output) and
     multi-output trees (``size_leaf_vector`` > 1). Routing follows XGBoost: go right iff
     ``x[feature] >= threshold`` in float32; inputs must not contain NaN (``features`` never
     produces one).
@@ -144,20 +145,21 @@ class TreeEnsemble:
         self.node_threshold = np.ascontiguousarray(
             np.concatenate(thr) if thr else np.zeros(0), dtype=np.float32)
         self._leaf_offset = n * ((1 << depth) - 1)
+        leaf[:1 << depth] += base  # the base score rides on the first tree's leaves
         self.leaf = np.concatenate([np.zeros((self._leaf_offset, n_out)), leaf])
         self.base = base
-        self._roots = np.arange(n, dtype=np.intp)
+        # left child of every internal node (its right child is the next index)
+        self._left = np.arange(self._leaf_offset, dtype=np.intp) * 2 + n
 
     def predict_margin(self, x: np.ndarray) -> np.ndarray:
         """Raw outputs (n_groups,) of one float32 feature row."""
-        step = np.add(x.take(self.node_feature) >= self.node_threshold, self.n_trees,
-                      dtype=np.intp)
-        node = self._roots.copy()
-        for _ in range(self.depth):
-            go = step.take(node)
-            node <<= 1
-            node += go
-        return self.base + self.leaf.take(node, axis=0).sum(axis=0)
+        if not self.depth:
+            return self.leaf.sum(axis=0)
+        step = np.add(self._left, x.take(self.node_feature) >= self.node_threshold)
+        node = step[:self.n_trees]
+        for _ in range(self.depth - 1):
+            node = step.take(node)
+        return self.leaf.take(node, axis=0).sum(axis=0)
 
     def predict_margin_batch(self, x: np.ndarray, chunk: int = 512) -> np.ndarray:
         """Raw outputs (n, n_groups) of a float32 feature matrix (n, n_features)."""
@@ -165,16 +167,15 @@ class TreeEnsemble:
         out = np.empty((x.shape[0], self.n_groups))
         for lo in range(0, x.shape[0], chunk):
             xc = x[lo:lo + chunk]
-            step = np.add(xc[:, self.node_feature] >= self.node_threshold, self.n_trees,
-                          dtype=np.intp)
-            rows = np.arange(xc.shape[0])[:, None]
-            node = np.broadcast_to(self._roots, (xc.shape[0], self.n_trees)).copy()
-            for _ in range(self.depth):
-                go = step[rows, node]
-                node <<= 1
-                node += go
+            if not self.depth:
+                out[lo:lo + chunk] = self.leaf.sum(axis=0)
+                continue
+            step = np.add(self._left, xc[:, self.node_feature] >= self.node_threshold)
+            node = step[:, :self.n_trees]
+            for _ in range(self.depth - 1):
+                node = np.take_along_axis(step, node, axis=1)
             out[lo:lo + chunk] = self.leaf[node].sum(axis=1)
-        return out + self.base
+        return out
 
 
 def _parse_base_score(value: Any, n_out: int) -> np.ndarray:
@@ -227,44 +228,69 @@ def _parse_tree(tree: dict, group: int, n_out: int):
     return left, right, feat, thr, values, depth
 
 
-def fit_gram_ridge(vectors: Sequence[tuple[np.ndarray, np.ndarray]], target: np.ndarray,
+def fit_gram_ridge(vectors: Sequence[tuple[np.ndarray, np.ndarray]], targets: np.ndarray,
                    n_buckets: int, lam: float, iterations: int) -> np.ndarray:
-    """Ridge regression of ``target`` on sparse rows ``(indices, values)`` with an unpenalised
-    intercept, solved by conjugate gradient on the normal equations (numpy only). Returns
-    ``n_buckets + 1`` float32 values: the weights, then the intercept."""
-    n = len(vectors)
-    rows = np.concatenate([np.full(len(v[0]), i, dtype=np.int64) for i, v in enumerate(vectors)])
-    cols = np.concatenate([v[0] for v in vectors]).astype(np.int64)
-    vals = np.concatenate([v[1] for v in vectors]).astype(np.float64)
-    mu = float(np.mean(target))
-    b = np.asarray(target, dtype=np.float64) - mu
+    """Ridge regressions of the columns of ``targets`` (n,) or (n, k) on sparse rows
+    ``(indices, values)`` with an unpenalised intercept (the target mean), all solved at once
+    by conjugate gradient on the normal equations (numpy only; the k solves share every sparse
+    product). Returns float32 ``(k, n_buckets + 1)`` (``(n_buckets + 1,)`` for a 1-d target):
+    the bucket weights, then the intercept."""
+    t = np.asarray(targets, dtype=np.float64)
+    one = t.ndim == 1
+    t = t.reshape(len(t), -1)
+    n, k = t.shape
+    if n != len(vectors):
+        raise ValueError(f"{len(vectors)} rows but {n} targets")
+    lengths = np.fromiter((len(v[0]) for v in vectors), dtype=np.intp, count=n)
+    if n == 0 or np.any(lengths == 0):
+        raise ValueError("every row needs at least one n-gram")
+    row_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    rows = np.repeat(np.arange(n), lengths)
+    cols = np.concatenate([v[0] for v in vectors]).astype(np.intp)
+    vals = np.concatenate([v[1] for v in vectors]).astype(np.float64)[:, None]
+    # the distinct buckets, and the entries sorted by bucket (for the transposed product)
+    used, col_pos = np.unique(cols, return_inverse=True)
+    order = np.argsort(col_pos, kind="stable")
+    col_start = np.searchsorted(col_pos[order], np.arange(len(used)))
+    cols_c, rows_o, vals_o = col_pos, rows[order], vals[order]
+    mu = t.mean(axis=0)
+    b = t - mu
 
-    def normal(v: np.ndarray) -> np.ndarray:
-        xv = np.bincount(rows, weights=vals * v[cols], minlength=n)
-        return np.bincount(cols, weights=vals * xv[rows], minlength=n_buckets) + lam * v
+    def at(u: np.ndarray) -> np.ndarray:  # A^T u, u: (n, k) -> (m, k)
+        return np.add.reduceat(vals_o * u[rows_o], col_start, axis=0)
 
-    rhs = np.bincount(cols, weights=vals * b[rows], minlength=n_buckets)
-    w = np.zeros(n_buckets)
-    r = rhs.copy()
+    def normal(v: np.ndarray) -> np.ndarray:  # (A^T A + lam I) v
+        av = np.add.reduceat(vals * v[cols_c], row_start, axis=0)
+        return at(av) + lam * v
+
+    r = at(b)
+    w = np.zeros_like(r)
     p = r.copy()
-    rs = float(r @ r)
-    stop = 1e-10 * rs
+    rs = np.einsum("ij,ij->j", r, r)
+    stop = 1e-12 * rs
     for _ in range(iterations):
-        if rs <= stop:
+        live = rs > stop
+        if not live.any():
             break
         ap = normal(p)
-        alpha = rs / float(p @ ap)
+        pap = np.einsum("ij,ij->j", p, ap)
+        alpha = np.where(live, rs / np.where(pap > 0, pap, 1.0), 0.0)
         w += alpha * p
         r -= alpha * ap
-        rs_new = float(r @ r)
-        p = r + (rs_new / rs) * p
+        rs_new = np.einsum("ij,ij->j", r, r)
+        p = r + np.where(live, rs_new / np.where(rs > 0, rs, 1.0), 0.0) * p
         rs = rs_new
-    return np.append(w, mu).astype(np.float32)
+    out = np.zeros((k, n_buckets + 1), dtype=np.float32)
+    out[:, used] = w.T
+    out[:, -1] = mu
+    return out[0] if one else out
 
 
 def _gram_predict(vectors, weights: np.ndarray) -> np.ndarray:
-    w, b = weights[:-1].astype(np.float64), float(weights[-1])
-    return np.array([b + float(w[i] @ v) for i, v in vectors])
+    """(n, k) scores of sparse rows under ``fit_gram_ridge`` weights (k, n_buckets + 1)."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1, weights.shape[-1])
+    wt, b = np.ascontiguousarray(w[:, :-1].T), w[:, -1]
+    return np.array([b + v @ wt[i] for i, v in vectors]).reshape(len(vectors), len(b))
 
 
 class LengthPredictor:
@@ -306,7 +332,8 @@ class LengthPredictor:
     # -- prediction ---------------------------------------------------------------------------
     def _tokens(self, prompt: Any, prompt_token_count: float | None) -> float:
         if prompt_token_count is None:
-            return len(normalize_prompt(prompt)[0]) * self.tokens_per_char
+            texts = _messages(prompt)[0]
+            return (sum(map(len, texts)) + max(len(texts) - 1, 0)) * self.tokens_per_char
         return prompt_token_count
 
     def _finish(self, margin: np.ndarray) -> np.ndarray:
@@ -462,21 +489,21 @@ def train_length_model(prompts: Sequence[Any], prompt_token_counts: Sequence[flo
         folds = np.random.default_rng(config.seed).permutation(len(y)) % config.ridge_folds
         fold_rows = [(np.nonzero(folds != k)[0], np.nonzero(folds == k)[0])
                      for k in range(config.ridge_folds)]
-        rows = []
-        for j, name in enumerate(feature_config.gram_targets):
-            t = GRAM_TARGETS[name](y)
-            col = featurizer.gram_score_start + j
-            for tr, te in fold_rows:
-                w = fit_gram_ridge([vectors[i] for i in tr], t[tr], n_b, config.ridge_lambda,
-                                   config.ridge_iterations)
-                x[te, col] = _gram_predict([vectors[i] for i in te], w)
-            rows.append(fit_gram_ridge(vectors, t, n_b, config.ridge_lambda,
-                                       config.ridge_iterations))
-            log(f"gram score {name!r} fitted")
-        weights = np.stack(rows)
+        targets = np.stack([GRAM_TARGETS[name](y) for name in feature_config.gram_targets],
+                           axis=1)
+        start = featurizer.gram_score_start
+        for k, (tr, te) in enumerate(fold_rows):
+            w = fit_gram_ridge([vectors[i] for i in tr], targets[tr], n_b, config.ridge_lambda,
+                               config.ridge_iterations)
+            x[te, start:] = _gram_predict([vectors[i] for i in te], w)
+            log(f"gram scores: fold {k + 1}/{config.ridge_folds} fitted")
+        weights = fit_gram_ridge(vectors, targets, n_b, config.ridge_lambda,
+                                 config.ridge_iterations)
+        log("gram scores fitted")
     booster = xgb.train(config.xgb_params(), xgb.DMatrix(x, label=target, nthread=config.nthread),
                         num_boost_round=config.rounds)
-    chars = sum(len(normalize_prompt(p)[0]) for p in prompts)
+    chars = sum(sum(map(len, t)) + max(len(t) - 1, 0) for t in map(lambda p: _messages(p)[0],
+                                                                       prompts))
     meta = {
         "schema": LENGTH_MODEL_SCHEMA,
         "version": LENGTH_MODEL_VERSION,

@@ -7,11 +7,13 @@ import pytest
 
 from block_sgl.predictor.eval_length import bucket_baseline, metrics, spearman
 from block_sgl.predictor.features import FeatureConfig, PromptFeaturizer, normalize_prompt
-from block_sgl.predictor.length import (GRAMS_FILE, METADATA_FILE, MODEL_FILE, LengthModelConfig,
+from block_sgl.predictor.length import (GRAMS_FILE, LENGTH_MODEL_VERSION, METADATA_FILE, MODEL_FILE,
+                                        LengthModelConfig,
                                         LengthPredictor, TreeEnsemble, train_length_model)
-from block_sgl.predictor.tokenizer_train import tokenizer_fingerprint, train_bpe_tokenizer
+from block_sgl.predictor.tokenizer_train import tokenizer_fingerprint
 from block_sgl.predictor.train_length import (SplitSpec, count_tokens, example_from_conversation,
                                               prompt_text, sharegpt_examples)
+from block_sgl.testing.tiny_model import train_tokenizer
 
 # Small but real: the first ShareGPT conversations, a 1k BPE, a few boosting rounds.
 FEATURES = FeatureConfig(gram_bits=12)
@@ -22,7 +24,7 @@ CONFIG = LengthModelConfig(rounds=25, ridge_iterations=40)
 def data():
     examples, _ = sharegpt_examples(limit=400)
     texts = [prompt_text(e) for e in examples] + [e.response for e in examples]
-    tok = train_bpe_tokenizer(texts, 1000, seed=0)
+    tok = train_tokenizer(texts, 1000)
     prompts = [list(e.messages) for e in examples]
     return (prompts, count_tokens(tok, [prompt_text(e) for e in examples]),
             count_tokens(tok, [e.response for e in examples]), tok)
@@ -96,7 +98,7 @@ def test_save_load_round_trip(tmp_path, data, model):
     prompts, pt, _, _ = data
     assert np.array_equal(loaded.predict_batch(prompts, pt), model.predict_batch(prompts, pt))
     meta = json.loads((tmp_path / "m" / METADATA_FILE).read_text())
-    assert meta["schema"] == "block_sgl.length_model" and meta["version"] == 1
+    assert meta["schema"] == "block_sgl.length_model" and meta["version"] == LENGTH_MODEL_VERSION
     assert meta["tokenizer_id"] == model.tokenizer_id
     assert FeatureConfig.from_dict(meta["feature_config"]) == FEATURES
 
@@ -164,25 +166,19 @@ def test_featurizer_shapes_and_normalization():
     x = f.transform_one("Write a 500-word essay. Explain step by step?", 12)
     names = f.names
     assert x[names.index("requested_words")] == 500
-    assert x[names.index("kw_write")] == 1 and x[names.index("phrase_step_by_step")] == 1
+    assert x[names.index("kw_write")] == 1 and x[names.index("kw_explain")] == 1
+    assert x[names.index("kw_code")] == 0
     assert x[names.index("ends_with_question")] == 1
+    # the context: the previous answer stops mid-sentence inside an open code block
+    x = f.transform_one([{"role": "user", "content": "Write a parser"},
+                         {"role": "assistant", "content": "Here:\n```python\ndef parse(s"},
+                         {"role": "user", "content": "continue"}], 20)
+    assert x[names.index("turns")] == 3 and x[names.index("has_assistant_turn")] == 1
+    assert x[names.index("context_open_fence")] == 1 and x[names.index("context_end_alnum")] == 1
+    assert x[names.index("kw_continue")] == 1
+    assert x[names.index("chars")] == len("Write a parser\nHere:\n```python\ndef parse(s\ncontinue")
     with pytest.raises(ValueError, match="gram_targets"):
         FeatureConfig.from_dict({**FEATURES.to_dict(), "gram_targets": ["nope"]})
-
-
-def test_bpe_tokenizer_is_general_and_deterministic():
-    texts = ["hello world", "hello there, world!", "def f(x): return x + 1", "你好世界"] * 20
-    a = train_bpe_tokenizer(texts, 300, seed=1, special_tokens=["<s>", "</s>", "<unk>"])
-    b = train_bpe_tokenizer(texts, 300, seed=1, special_tokens=["<s>", "</s>", "<unk>"])
-    assert a.to_str() == b.to_str()
-    assert [a.token_to_id(t) for t in ("<s>", "</s>", "<unk>")] == [0, 1, 2]
-    assert a.get_vocab_size() <= 300
-    enc = a.encode("unseen ☃ text \x00")
-    assert a.decode(enc.ids) == "unseen ☃ text \x00"
-    with pytest.raises(ValueError, match="vocab_size"):
-        train_bpe_tokenizer(texts, 100, seed=0)
-    with pytest.raises(ValueError, match="empty"):
-        train_bpe_tokenizer([], 1000, seed=0)
 
 
 def test_sharegpt_examples_and_split():
