@@ -71,7 +71,10 @@ class RouterProcess:
                 raise RuntimeError("sglang-router is not available")
             cmd = [sglang_router_python, "-m", "sglang_router.launch_router", "--worker-urls",
                    *worker_urls, "--policy", spec.policy, "--port", str(self.port),
-                   "--log-level", "warn", "--worker-startup-check-interval", "1"]
+                   "--log-level", "warn", "--worker-startup-check-interval", "1",
+                   # its Prometheus exporter binds 0.0.0.0:29000 by default and panics at start
+                   # when another sglang-router (or the previous run's, still closing) holds it
+                   "--prometheus-port", str(free_port())]
         cmd += list(spec.args)
         self.cmd = cmd
         self.log = open(log_path, "w")

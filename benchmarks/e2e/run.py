@@ -177,7 +177,14 @@ class Bench:
         self.t_scale = args.time_scale if args.emulate else 1.0
         self.slo_ttft = args.slo_ttft * self.t_scale
         self.slo_tpot = args.slo_tpot * self.t_scale
-        self._run_no = 0
+        self._run_no = len(list(log_dir.glob("router-*.log"))) if log_dir else 0
+        self.previous: dict[tuple, dict] = {}
+        if getattr(args, "resume", None):
+            old = json.loads(Path(args.resume).read_text())
+            for r in old.get("runs", []):
+                self.previous[_run_key(r["router"], r["workload"], r["rate_rps"], r["seed"],
+                                       r["purpose"])] = r
+            print(f"resuming: {len(self.previous)} runs from {args.resume}", flush=True)
 
     # one (router, workload, rate, seed) run
     def run_once(self, spec: RouterSpec, w: wl.Workload, rate: float, seed: int, *,
@@ -185,11 +192,31 @@ class Bench:
         from tqdm import tqdm
 
         args = self.args
+        key = _run_key(spec.name, w.name, rate, seed, purpose)
+        if key in self.previous and not (n and self.previous[key]["requests"] != n):
+            s = {**self.previous.pop(key), "resumed": True}
+            self.runs.append(s)
+            print(f"  {w.name} {spec.name} {rate:.3g}/s s{seed}: resumed (p99 TTFT "
+                  f"{_fmt(s['ttft_s']['p99'])} s)", flush=True)
+            return s
         flush_caches(self.urls)
         self._run_no += 1
         safe = re.sub(r"[^A-Za-z0-9.=,+-]+", "_", spec.name).strip("_")
         log = self.log_dir / f"router-{self._run_no:04d}-{safe}.log"
-        router = RouterProcess(spec, self.urls, log, seed=seed, sglang_router_python=self.sgr)
+        router = None
+        for attempt in range(2):
+            try:
+                router = RouterProcess(spec, self.urls, log, seed=seed,
+                                       sglang_router_python=self.sgr)
+                break
+            except RuntimeError as e:
+                print(f"  {spec.name}: router start failed (attempt {attempt + 1}): {e}", flush=True)
+                self.router_problems.append({"router": spec.name, "workload": w.name, "rate": rate,
+                                             "seed": seed, "log": str(log),
+                                             "lines": [f"start failed: {str(e)[-600:]}"]})
+                time.sleep(3)
+        if router is None:
+            return self._failed_run(spec, w, rate, seed, n, purpose, log)
         schedule = w.at_rate(rate)[: n or len(w.requests)]
         duration = schedule[-1][0] if schedule else 0.0
         timeout = duration + args.drain_timeout
@@ -244,7 +271,21 @@ class Bench:
             print(f"    router log ({log.name}): " + " | ".join(problems[:3]), flush=True)
         return s
 
-    def capacities(self, specs: list[RouterSpec], w_by_seed: dict) -> list[dict]:
+    def _failed_run(self, spec, w, rate, seed, n, purpose, log) -> dict:
+        """A run whose router never started: every request failed (the rate fails)."""
+        from benchmarks.e2e.client import Record
+
+        schedule = w.at_rate(rate)[: n or len(w.requests)]
+        records = [Record(i, t, r.input_len, r.output_len, error="router did not start")
+                   for i, (t, r) in enumerate(schedule)]
+        s = summarise(records, {"early_stopped": None, "wall_s": 0.0},
+                      slo_ttft_s=self.slo_ttft, slo_tpot_s=self.slo_tpot)
+        s.update({"router": spec.name, "workload": w.name, "rate_rps": rate, "seed": seed,
+                  "purpose": purpose, "router_start_failed": True, "router_log": str(log)})
+        self.runs.append(s)
+        return s
+
+    def capacities(self, specs: list[RouterSpec], w_by_seed: dict, on_round=None) -> list[dict]:
         """Capacity of every router, searched side by side: each round, every router still
         searching gets its next rate, and the runs of the round are interleaved (for each
         seed, each router in turn, the order rotating from round to round), so slow drift of
@@ -291,6 +332,8 @@ class Bench:
                 else:
                     pending[spec] = nxt
             round_no += 1
+            if on_round is not None:  # rows so far, for partial results
+                on_round([self.row(spec, points[spec]) for spec in specs])
         return [self.row(spec, points[spec]) for spec in specs]
 
     def row(self, spec: RouterSpec, points: dict[float, dict]) -> dict:
@@ -337,6 +380,10 @@ def search_plan(args, instances: int, points: dict[float, dict]):
         if lo is None or hi is None or hi / lo < 1 + args.bisect_tolerance:
             break
         yield (lo + hi) / 2
+
+
+def _run_key(router, workload, rate, seed, purpose) -> tuple:
+    return (router, workload, round(float(rate), 4), int(seed), purpose)
 
 
 def bracket_from(passes: dict[float, bool]) -> tuple[float | None, float | None]:
@@ -500,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "smoke: <default>/smoke)")
     g.add_argument("--tag", default=None, help="name of this run in the file names")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--resume", metavar="JSON", help="reuse the runs recorded in this results file "
+                   "(or its .partial.json) for the same (router, workload, rate, seed); the "
+                   "workload flags must be the same as in that run")
     g.add_argument("--save-requests", action="store_true",
                    help="write every request's measurements (jsonl) next to the router logs")
     g.add_argument("--smoke", action="store_true",
@@ -540,9 +590,9 @@ def main(argv=None) -> int:
     tag = args.tag or time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     log_dir = out / "logs" / tag
-    if log_dir.exists():
+    if log_dir.exists() and not args.resume:
         shutil.rmtree(log_dir)
-    log_dir.mkdir(parents=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
     sgr, sgr_version = sglang_router_python(args.sglang_router_python)
@@ -594,6 +644,7 @@ def main(argv=None) -> int:
                   "output length, ignore_eos, temperature 0; block_sgl routers get "
                   "--no-ignore-eos-hint unless the row is labelled +oracle",
         "routers": [s.name for s in specs],
+        "resumed_from": args.resume,
         "command": " ".join([sys.executable, "-m", "benchmarks.e2e.run", *(argv if argv is not None else sys.argv[1:])]),
         "workloads": {name: {str(seed): w.info for seed, w in by.items()}
                       for name, by in built.items()},
@@ -632,7 +683,12 @@ def main(argv=None) -> int:
             rows = results["capacity"].setdefault(name, [])
             print(f"-- capacity search, side by side: {', '.join(s.name for s in specs)}",
                   flush=True)
-            rows.extend(bench.capacities(specs, by_seed))
+            base = len(rows)
+
+            def on_round(current, base=base, rows=rows):
+                rows[base:] = current
+                _write_partial(out, tag, results)
+            rows[base:] = bench.capacities(specs, by_seed, on_round)
             _write_partial(out, tag, results)
             if args.sweep_cache_aware:
                 base_caps = [r["capacity_rps"] for r in rows if not r["is_block"]]
@@ -654,13 +710,23 @@ def main(argv=None) -> int:
                                             label=sw["best"]["router"] + " (tuned)"))
                 if tuned:
                     print(f"-- capacity search: {', '.join(s.name for s in tuned)}", flush=True)
-                    rows.extend(bench.capacities(tuned, by_seed))
+                    base = len(rows)
+
+                    def on_round(current, base=base, rows=rows):
+                        rows[base:] = current
+                        _write_partial(out, tag, results)
+                    rows[base:] = bench.capacities(tuned, by_seed, on_round)
                     _write_partial(out, tag, results)
-    except KeyboardInterrupt:
-        print("interrupted: writing what was measured", flush=True)
+    except BaseException as e:  # noqa: BLE001 -- interrupted or crashed: keep what was measured
+        if not isinstance(e, KeyboardInterrupt):
+            import traceback
+
+            traceback.print_exc()
+            meta["error"] = f"{type(e).__name__}: {e}"[:2000]
+        print(f"interrupted ({type(e).__name__}: {e}): writing what was measured", flush=True)
         results = locals().get("results") or {"meta": meta, "capacity": {}, "sweeps": {},
                                               "runs": [], "router_problems": []}
-        meta["interrupted"] = True
+        meta["interrupted"] = f"{type(e).__name__}: {e}"[:200]
     finally:
         if cluster is not None:
             cluster.stop()
@@ -669,7 +735,7 @@ def main(argv=None) -> int:
 
     paths = write_outputs(results, out, tag)
     print("results:", *[str(p) for p in paths], sep="\n  ")
-    return 0
+    return 1 if meta.get("error") else 0
 
 
 def _build(name, args, seed, tokens, opts):

@@ -283,7 +283,8 @@ def test_client_disconnect_aborts_the_request_on_the_instance(block_router):
                  headers=JSON)
     resp = conn.getresponse()
     served_by = resp.getheader("X-Block-Instance")
-    assert resp.fp.readline().startswith(b"data:")  # it is generating
+    # resp.readline() decodes the chunked transfer encoding (resp.fp would not)
+    assert resp.readline().startswith(b"data:")  # it is generating
     conn.sock.close()  # the client goes away mid-stream
     conn.close()
     deadline = time.monotonic() + 15  # 2000 tokens would take ~50 s if not aborted
