@@ -11,9 +11,12 @@ same train split — global mean, global median, mean per prompt-length bucket, 
 prompt-length bucket (buckets: powers of two of prompt tokens); the best baseline is the one
 with the lowest MAE among all four (the medians are included because they are the stronger
 MAE baselines). Also the P90's coverage (fraction of responses <= P90; ideally 0.9), the P50's,
-and the per-request inference time: the median over single-request ``LengthPredictor.predict``
-calls (features + trees, one Python thread, no batching) on held-out prompts, plus the
-amortised per-request time of ``predict_batch``.
+and the per-request inference time: the median wall time of single-request
+``LengthPredictor.predict`` calls (features + trees, one Python thread, no batching) on held-out
+prompts, the median thread CPU time of the same calls, the amortised per-request time of
+``predict_batch``, and a reference (CPU µs of ``sum(range(1000))``, before and after) that
+tells how fast this machine ran Python at the time. Also reported apart: the figures on the
+held-out prompts whose text does not occur among the training prompts.
 
 The last stdout line (``--json``) is a JSON object; it is also written to ``--output``.
 """
@@ -72,20 +75,39 @@ def bucket_baseline(train_tokens, train_y, test_tokens, stat) -> np.ndarray:
 
 
 def time_single_requests(model: LengthPredictor, prompts, tokens, *, n: int, repeats: int,
-                         warmup: int = 200) -> np.ndarray:
-    """Seconds per ``predict`` call for the first ``n`` prompts, ``repeats`` passes."""
+                         warmup: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """(wall seconds, thread CPU seconds) per ``predict`` call for the first ``n`` prompts,
+    ``repeats`` passes. The CPU time leaves out the time the thread waited for a core (this
+    box is shared); both clocks are read around every call."""
     n = min(n, len(prompts))
+    tokens = [float(t) for t in tokens[:n]]
     for i in range(min(warmup, n)):
         model.predict(prompts[i], tokens[i])
-    out = []
-    clock = time.perf_counter
+    wall, cpu = [], []
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     for _ in range(repeats):
         for i in range(n):
             p, t = prompts[i], tokens[i]
+            c0 = cpu_clock()
             t0 = clock()
             model.predict(p, t)
-            out.append(clock() - t0)
-    return np.asarray(out)
+            t1 = clock()
+            cpu.append(cpu_clock() - c0)
+            wall.append(t1 - t0)
+    return np.asarray(wall) * 1e-9, np.asarray(cpu) * 1e-9
+
+
+def reference_cpu_us(repeats: int = 7, n: int = 300) -> float:
+    """Thread CPU µs of ``sum(range(1000))`` (best of ``repeats``): how fast this Python runs
+    here and now, to compare inference times taken on different or differently loaded
+    machines (≈ 10 µs on an idle current desktop core)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time_ns()
+        for _ in range(n):
+            sum(range(1000))
+        best = min(best, (time.thread_time_ns() - t0) / n / 1e3)
+    return best
 
 
 def evaluate(model: LengthPredictor, data: LabelledData, split: SplitSpec, *, timing_n: int,
@@ -110,29 +132,45 @@ def evaluate(model: LengthPredictor, data: LabelledData, split: SplitSpec, *, ti
     base_metrics = {k: metrics(v, y) for k, v in baselines.items()}
     best = min(base_metrics, key=lambda k: base_metrics[k]["mae"])
     m = metrics(pred[:, 0], y)
-    times = time_single_requests(model, prompts, tokens, n=timing_n, repeats=timing_repeats)
+    load_before = os.getloadavg()[0]
+    ref_before = reference_cpu_us()
+    times, cpu_times = time_single_requests(model, prompts, tokens, n=timing_n,
+                                            repeats=timing_repeats)
+    load_after = os.getloadavg()[0]
+    ref_after = reference_cpu_us()
     # How many held-out prompts occur verbatim among the training prompts (not a leak of
-    # conversations — the split is by conversation — but ShareGPT repeats popular prompts).
+    # conversations — the split is by conversation — but ShareGPT repeats popular prompts and
+    # holds some conversations twice under two ids). Reported apart, for information.
     train_texts = {json.dumps(data.examples[i].messages[-1]["value"]) for i in train}
-    repeats = sum(json.dumps(data.examples[i].messages[-1]["value"]) in train_texts for i in test)
+    seen = np.array([json.dumps(data.examples[i].messages[-1]["value"]) in train_texts
+                     for i in test], dtype=bool)
+    unseen_model = metrics(pred[~seen, 0], y[~seen])["mae"] if (~seen).any() else float("nan")
+    unseen_base = (metrics(baselines[best][~seen], y[~seen])["mae"] if (~seen).any()
+                   else float("nan"))
     return {
         "n_train": int(len(train)), "n_test": int(len(test)),
-        "test_prompts_seen_in_train": int(repeats),
+        "test_prompts_seen_in_train": int(seen.sum()),
         "mae_model": m["mae"], "mape_model": m["mape"], "spearman_model": m["spearman"],
         "best_baseline": best, "mae_best_baseline": base_metrics[best]["mae"],
         "mae_reduction_vs_best_baseline": 1.0 - m["mae"] / base_metrics[best]["mae"],
         "baselines": base_metrics,
+        "unseen_prompts": {"n": int((~seen).sum()), "mae_model": unseen_model,
+                           "mae_best_baseline": unseen_base,
+                           "mae_reduction": 1.0 - unseen_model / unseen_base},
         "p90_coverage": float(np.mean(y <= pred[:, 1])),
         "p50_coverage": float(np.mean(y <= pred[:, 0])),
         "inference_us": float(np.median(times) * 1e6),
         "inference_us_p90": float(np.percentile(times, 90) * 1e6),
         "inference_us_p99": float(np.percentile(times, 99) * 1e6),
+        "inference_cpu_us": float(np.median(cpu_times) * 1e6),
+        "reference_sum_range_1000_cpu_us": [ref_before, ref_after],
         "batch_inference_us_per_request": batch_s / len(test) * 1e6,
         "timing": (f"single-request LengthPredictor.predict (features + trees) on "
-                   f"{min(timing_n, len(test))} held-out prompts x {timing_repeats} passes, "
-                   f"median; one Python thread; {platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} CPUs, load average before timing "
-                   f"{os.getloadavg()[0]:.2f}"),
+                   f"{min(timing_n, len(test))} held-out prompts x {timing_repeats} passes; "
+                   f"inference_us = median wall time, inference_cpu_us = median thread CPU "
+                   f"time; one Python thread; {platform.processor() or platform.machine()}, "
+                   f"{os.cpu_count()} CPUs, load average {load_before:.2f} before timing, "
+                   f"{load_after:.2f} after"),
         "label": "first gpt response tokens (bench_serving convention, no special tokens)",
     }
 
@@ -206,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"MAE reduction vs best baseline ({result['best_baseline']}): "
               f"{result['mae_reduction_vs_best_baseline'] * 100:.1f} %")
         print(f"P90 coverage {result['p90_coverage']:.3f}; inference "
-              f"{result['inference_us']:.1f} us/request (median, single calls)")
+              f"{result['inference_us']:.1f} us/request (median wall time, single calls; "
+              f"CPU time {result['inference_cpu_us']:.1f} us)")
     return 0
 
 

@@ -8,28 +8,31 @@ Output: one float32 vector per prompt, in this order:
 
 * ``DENSE_FEATURES``: counts and ratios of the whole prompt, of its last message (the request)
   and of the earlier turns (the context: e.g. the length of the previous answer, whether it
-  stops mid-sentence or inside an open code block);
-* keyword indicators (``KEYWORDS``: word groups, e.g. code / list / translate / summarize);
+  stops mid-word or inside an open code block);
 * one ``gram_<target>`` score per ``gram_targets`` entry (when ``gram_bits > 0``): linear
-  models over hashed n-grams (``2 ** gram_bits`` buckets: word unigrams and bigrams of the
+  models over hashed word n-grams (``2 ** gram_bits`` buckets: unigrams and bigrams of the
   request's first ``head_words`` and last ``tail_words`` words, its first 1-3 words, its last
-  two, the context's last ``context_words`` words; binary, L2-normalised) of the output
-  length, each for one target (``GRAM_TARGETS``: log length, length, rank, P(length > k),
-  P(length < k)). Their weights are fitted with the length model (ridge regression,
-  out-of-fold for the training rows: stacking) and saved with it.
+  two, the context's last ``context_words`` words, a bias; each n-gram counted, the bag scaled
+  by 1 / sqrt(its size)) of the output length, each for one target (``GRAM_TARGETS``: log
+  length, length, rank, P(length > k), P(length < 100)). Their weights are fitted with the
+  length model (ridge regression, out-of-fold for the training rows: stacking) and saved with
+  it. The task type (code, list, translation, summary, "continue", greetings, ...) reaches the
+  model through these scores: every word of the request's head is an n-gram.
 
 Cost is bounded whatever the prompt size: the only passes over all the text are C-speed
-``str.count`` calls; word-level features read a window of the last message (its first
-``head_chars`` and last ``tail_chars`` characters: where instructions are) and the last
-``context_chars`` of the context. Everything is computed in one pass of plain Python over that
-window (bytes methods, one dict lookup per word); numpy is called only to sum the n-gram
-weights (three calls). See ``block_sgl/predictor/README.md`` for the measured costs.
+``str.count`` calls over the messages; everything else reads a window of the last message (its
+first ``head_chars`` and last ``tail_chars`` characters: where instructions are) and the last
+``context_chars`` of the context, with bytes methods (C speed); plain Python runs once per
+n-gram word (one dict lookup for its hash, one multiply for a bigram) and numpy is called
+three times (gather and sum the n-gram weights). See ``block_sgl/predictor/README.md`` for the
+measured costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from array import array
 import zlib
 from typing import Any, Sequence
 
@@ -38,51 +41,13 @@ import numpy as np
 FEATURES_VERSION = 2
 
 DENSE_FEATURES = (
-    "prompt_tokens", "turns", "has_assistant_turn", "chars", "last_chars", "last_est_tokens",
-    "lines", "question_marks", "code_fences", "urls", "window_words", "est_words",
-    "tokens_per_char", "digit_ratio", "upper_ratio", "non_ascii_ratio", "code_char_ratio",
-    "mean_word_len", "ends_with_question", "list_lines", "requested_words", "requested_count",
-    "max_number", "last_end_alnum", "last_end_colon", "last_open_fence",
+    "prompt_tokens", "turns", "chars", "last_chars", "last_est_tokens", "lines",
+    "question_marks", "window_words", "tokens_per_char", "digit_ratio", "upper_ratio",
+    "non_ascii_ratio", "code_char_ratio", "mean_word_len", "list_lines", "requested_words",
+    "requested_count", "max_number", "last_end_alnum",
     "context_chars", "context_est_tokens", "context_lines", "context_code_fences",
-    "context_list_lines", "context_end_alnum", "context_end_sentence", "context_open_fence",
+    "context_list_lines", "context_end_alnum", "context_open_fence",
 )
-
-# keyword -> surface forms (whole lowercase words) that count for it
-KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("write", ("write", "writing", "rewrite", "draft", "compose")),
-    ("explain", ("explain", "explanation", "describe", "elaborate", "why", "how")),
-    ("list", ("list", "ideas", "examples", "suggest", "brainstorm", "options", "names")),
-    ("translate", ("translate", "translation", "translator")),
-    ("summarize", ("summarize", "summarise", "summary", "tldr", "shorten")),
-    ("code", ("code", "function", "script", "program", "implement", "python", "javascript",
-              "java", "sql", "html", "css", "react", "class", "api", "c", "typescript")),
-    ("fix", ("fix", "error", "bug", "debug", "exception", "traceback", "wrong")),
-    ("long_form", ("essay", "article", "story", "blog", "report", "chapter", "plan", "outline",
-                   "guide", "tutorial", "course", "lesson", "proposal", "script")),
-    ("short_form", ("tweet", "title", "headline", "slogan", "tagline", "subject", "name",
-                    "caption", "word", "sentence")),
-    ("brief", ("brief", "briefly", "short", "shorter", "concise", "quick", "simple", "simply")),
-    ("detail", ("detail", "detailed", "comprehensive", "thorough", "complete", "full",
-                "elaborate", "extensive", "depth")),
-    ("continue", ("continue", "more", "next", "go", "keep", "expand", "extend")),
-    ("email", ("email", "letter", "message", "reply", "respond", "response", "cover")),
-    ("poem", ("poem", "song", "lyrics", "rap", "haiku", "rhyme", "verse")),
-    ("table", ("table", "chart", "csv", "json", "markdown", "format")),
-    ("compare", ("compare", "comparison", "difference", "differences", "versus", "vs", "pros",
-                 "cons")),
-    ("yes_no", ("is", "are", "can", "does", "do", "should", "could", "will", "would")),
-    ("what", ("what", "which", "who", "when", "where")),
-    ("act_as", ("act", "pretend", "roleplay", "role", "imagine", "you")),
-    ("steps", ("step", "steps", "instructions", "process", "procedure")),
-    ("create", ("create", "generate", "make", "design", "build", "develop")),
-    ("analyze", ("analyze", "analyse", "analysis", "evaluate", "review", "critique",
-                 "feedback", "improve")),
-    ("correct", ("correct", "grammar", "proofread", "paraphrase", "rephrase", "spelling")),
-    ("math", ("calculate", "solve", "equation", "math", "formula", "probability", "prove")),
-    ("thanks", ("thanks", "thank", "ok", "okay", "great", "cool", "nice", "good", "yes", "no")),
-    ("greeting", ("hi", "hello", "hey")),
-)
-
 
 def _rank(y: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(y, kind="stable"), kind="stable") / max(len(y), 1)
@@ -121,7 +86,6 @@ _WORD_UNITS = {k.encode(): v for k, v in {
     "paragraphs": 100.0, "page": 400.0, "pages": 400.0, "line": 10.0, "lines": 10.0,
     "character": 0.2, "characters": 0.2, "chapter": 1000.0, "chapters": 1000.0,
     "section": 150.0, "sections": 150.0}.items()}
-_SENTENCE_END = frozenset(".!?。！？")
 _ASSISTANT_ROLES = frozenset(("assistant", "gpt", "chatgpt", "bard", "bing", "model"))
 
 
@@ -133,7 +97,7 @@ class FeatureConfig:
     """Buckets of the hashed n-grams of the fitted linear scores (0: no such features)."""
     gram_targets: tuple[str, ...] = DEFAULT_GRAM_TARGETS
     """What each linear n-gram score estimates (keys of ``GRAM_TARGETS``)."""
-    head_chars: int = 1024
+    head_chars: int = 512
     """Characters from the start of the last message used for word-level features."""
     tail_chars: int = 256
     """Characters from the end of the last message used for word-level features."""
@@ -221,6 +185,24 @@ def _messages(prompt: Any) -> tuple[list[str], bool]:
     return [str(prompt)], False
 
 
+def _texts(prompt: Any) -> list[str]:
+    """The texts of the messages (``_messages`` without the roles; fast path for lists)."""
+    if type(prompt) is str:
+        return [prompt]
+    if type(prompt) is list or type(prompt) is tuple:
+        out = []
+        for m in prompt:
+            if type(m) is dict:
+                c = m.get("content")
+                if c is None:
+                    c = m.get("value")
+                out.append(c if type(c) is str else _content_text(c))
+            else:
+                out.append(_content_text(m))
+        return out
+    return _messages(prompt)[0]
+
+
 def normalize_prompt(prompt: Any) -> tuple[str, str, str, int, bool]:
     """(all text, last message, context = earlier messages, turns, has an assistant turn).
 
@@ -255,22 +237,13 @@ class PromptFeaturizer:
     def __init__(self, config: FeatureConfig | None = None, gram_weights=None):
         self.config = config or FeatureConfig()
         self.n_dense = len(DENSE_FEATURES)
-        self.n_keywords = len(KEYWORDS)
         self.n_gram_buckets = (1 << self.config.gram_bits) if self.config.gram_bits else 0
         self.n_gram_scores = len(self.config.gram_targets) if self.n_gram_buckets else 0
         self.has_gram_score = self.n_gram_scores > 0
-        self.gram_score_start = self.n_dense + self.n_keywords
+        self.gram_score_start = self.n_dense
         self.n_features = self.gram_score_start + self.n_gram_scores
-        kw: dict[bytes, list[int]] = {}
-        for i, (_, forms) in enumerate(KEYWORDS):
-            for w in forms:
-                kw.setdefault(w.encode(), []).append(self.n_dense + i)
-        # positions in the keyword block
-        self._kw_index = {w: tuple(j - self.n_dense for j in v) for w, v in kw.items()}
-        self._kw_keys = frozenset(kw)
         self._word_hash: dict[bytes, int] = {}
         self._weights = None
-        self._intercepts = None
         if gram_weights is not None:
             w = np.asarray(gram_weights, dtype=np.float32)
             want = (self.n_gram_scores, self.n_gram_buckets + 1)
@@ -280,19 +253,20 @@ class PromptFeaturizer:
                                  f"{self.n_gram_scores} gram targets")
             if not np.all(np.isfinite(w)):
                 raise ValueError("gram weights contain non-finite values")
-            self._weights = np.ascontiguousarray(w[:, :-1].T)  # (buckets, targets): row gather
-            self._intercepts = w[:, -1].astype(np.float32)
+            # (buckets, targets): one row gather per n-gram. The intercepts (last column) are
+            # not added: a constant shift of a feature changes nothing for trees.
+            self._weights = np.ascontiguousarray(w[:, :-1].T)
 
     @property
     def names(self) -> list[str]:
-        return (list(DENSE_FEATURES) + [f"kw_{k}" for k, _ in KEYWORDS]
+        return (list(DENSE_FEATURES)
                 + ([f"gram_{t}" for t in self.config.gram_targets] if self.has_gram_score
                    else []))
 
     def _analyze(self, prompt: Any, prompt_tokens: Any) -> tuple[list[float], list[int]]:
         """(the features before the gram scores, as a list; the prompt's n-gram buckets)."""
         cfg = self.config
-        texts, assistant = _messages(prompt)
+        texts = _texts(prompt)
         turns = len(texts)
         last = texts[-1] if texts else ""
         try:
@@ -302,97 +276,85 @@ class PromptFeaturizer:
         if not 0.0 <= tokens <= 1e9:  # NaN, negative, inf
             tokens = 0.0 if not tokens >= 0.0 else 1e9
         n_last = len(last)
-        # context = the earlier messages joined by "\n", read without joining them all
+        # the context = the earlier messages joined by "\n", read without joining them all
         if turns > 1:
             n_ctx = turns - 2
-            ctx_lines = ctx_fences = 0
+            ctx_lines = turns - 1  # the separators, + 1
+            ctx_fences = 0
             for t in texts[:-1]:
                 n_ctx += len(t)
                 ctx_lines += t.count("\n")
                 ctx_fences += t.count("```")
-            ctx_lines += turns - 1  # separators + 1
             cc = cfg.context_chars
             prev = texts[-2]
-            if len(prev) >= cc or turns == 2:
-                ctx = prev[-cc:]
-            else:
-                ctx = "\n".join(texts[:-1])[-cc:]
-            ctx_end = prev.rstrip()[-1:] if prev else ""
-            if not ctx_end and turns > 2:
-                ctx_end = ctx.rstrip()[-1:]
+            ctx = prev[-cc:] if len(prev) >= cc or turns == 2 else "\n".join(texts[:-1])[-cc:]
+            cb = ctx.encode("utf-8", errors="replace")
+            ctx_end = cb.rstrip()[-1:]
+            ctx_list = cb.count(b"\n-") + cb.count(b"\n*") + cb.count(b"\n1")
+            n_chars = n_ctx + 1 + n_last
         else:
-            n_ctx = ctx_lines = ctx_fences = 0
-            ctx = ctx_end = ""
-        n_chars = n_ctx + n_last + (1 if turns > 1 else 0)
+            n_ctx = ctx_lines = ctx_fences = ctx_list = 0
+            cb = ctx_end = b""
+            n_chars = n_last
+        # the window: the first head_chars and last tail_chars of the request
         hc, tc = cfg.head_chars, cfg.tail_chars
         window = last if n_last <= hc + tc else last[:hc] + "\n" + last[-tc:]
         wb = window.encode("utf-8", errors="replace")
         nb = len(wb) or 1
-        wlen = len(window) or 1
         wt = wb.translate(_WORD_BYTES_TABLE)  # word bytes kept, every other byte a space
-        words = wt.split()
-        n_words = len(words)
+        word_bytes = len(wt) - wt.count(b" ")
         hw, tw = cfg.head_words, cfg.tail_words
-        used = words if n_words <= hw + tw else words[:hw] + words[-tw:]
+        hb, tb = 16 * hw, 16 * tw  # bytes that hold that many words (most of the time)
+        if len(wt) <= hb + tb:
+            used = wt.split()
+            n_words = len(used)
+            if n_words > hw + tw:
+                used = used[:hw] + used[-tw:]
+        else:  # split only the two ends (splitting every word costs more than all the rest)
+            used = wt[:hb].split()[:hw] + wt[-tb:].split()[1:][-tw:]
+            n_words = 0
+        mean_len = sum(map(len, used)) / len(used) if used else 0.0
+        if not n_words and mean_len:
+            n_words = word_bytes / mean_len
         n_digits = len(wb) - len(wb.translate(None, _DIGIT_BYTES))
         req_words = req_count = max_number = 0.0
-        joined = b"".join(used)
-        if n_digits and len(joined) != len(joined.translate(None, _DIGIT_BYTES)):
-            top = 0
-            for i, w in enumerate(used):
-                if w.isdigit() and len(w) <= 7:
-                    v = int(w)
-                    if v > top:
-                        top = v
-                    if len(w) <= 5 and i + 1 < len(used):  # "500 words", "3 5 ideas"
-                        unit = used[i + 1]
-                        if unit.isdigit() and i + 2 < len(used):
-                            unit = used[i + 2]
-                        scale = _WORD_UNITS.get(unit)
-                        if scale is not None:
-                            req_words = max(req_words, v * scale)
-                        elif unit in _COUNT_UNITS:
-                            req_count = max(req_count, float(v))
-            max_number = math.log1p(top)
-        last_end = last.rstrip()[-1:]
-        if ctx:
-            cb = ctx.encode("utf-8", errors="replace")
-            ctx_list = (cb.count(b"\n-") + cb.count(b"\n*") + cb.count(b"\n1")
-                        + cb.count(b"\n2")) if b"\n" in cb else 0
-        else:
-            ctx_list = 0
+        if n_digits:
+            joined = b"".join(used)
+            if len(joined) != len(joined.translate(None, _DIGIT_BYTES)):
+                top = 0
+                n_used = len(used)
+                for i, w in enumerate(used):
+                    if w.isdigit() and len(w) <= 7:
+                        v = int(w)
+                        if v > top:
+                            top = v
+                        if len(w) <= 5 and i + 1 < n_used:  # "500 words", "3 5 ideas"
+                            unit = used[i + 1]
+                            if unit.isdigit() and i + 2 < n_used:
+                                unit = used[i + 2]
+                            scale = _WORD_UNITS.get(unit)
+                            if scale is not None:
+                                req_words = max(req_words, v * scale)
+                            elif unit in _COUNT_UNITS:
+                                req_count = max(req_count, float(v))
+                max_number = math.log1p(top)
         feats = [
-            tokens, turns, 1.0 if assistant else 0.0, n_chars, n_last,
-            tokens * n_last / n_chars if n_chars else 0.0,
-            ctx_lines + last.count("\n") + (1 if n_chars else 0),
-            window.count("?"), window.count("```"), window.count("http"), n_words,
-            n_words * n_last / wlen, tokens / n_chars if n_chars else 0.0, n_digits / nb,
-            (nb - len(wb.translate(None, _UPPER_BYTES))) / nb, (len(wb) - len(window)) / wlen,
-            (nb - len(wb.translate(None, _CODE_BYTES))) / nb,
-            (len(wt) - wt.count(b" ")) / n_words if n_words else 0.0,
-            1.0 if last_end == "?" else 0.0,
-            (wb.count(b"\n-") + wb.count(b"\n*") + wb.count(b"\n1") + wb.count(b"\n2")
-             + (1 if wb[:1] in b"-*1" else 0)) if wb else 0,
-            req_words, req_count, max_number,
-            1.0 if last_end.isalnum() else 0.0, 1.0 if last_end == ":" else 0.0,
-            last.count("```") & 1,
+            tokens, turns, n_chars, n_last, tokens * n_last / n_chars if n_chars else 0.0,
+            ctx_lines + last.count("\n") + (1 if n_chars else 0), window.count("?"), n_words,
+            tokens / n_chars if n_chars else 0.0, n_digits / nb,
+            (nb - len(wb.translate(None, _UPPER_BYTES))) / nb,
+            (len(wb) - len(window)) / (len(window) or 1),
+            (nb - len(wb.translate(None, _CODE_BYTES))) / nb, mean_len,
+            wb.count(b"\n-") + wb.count(b"\n*") + wb.count(b"\n1") + (wb[:1] in b"-*1"),
+            req_words, req_count, max_number, 1.0 if wb.rstrip()[-1:].isalnum() else 0.0,
             n_ctx, tokens * n_ctx / n_chars if n_chars else 0.0, ctx_lines, ctx_fences, ctx_list,
-            1.0 if ctx_end.isalnum() else 0.0, 1.0 if ctx_end in _SENTENCE_END else 0.0,
-            ctx_fences & 1,
+            1.0 if ctx_end.isalnum() else 0.0, ctx_fences & 1,
         ]
-        flags = [0.0] * self.n_keywords
-        kw = self._kw_keys.intersection(used)
-        if kw:
-            index = self._kw_index
-            for w in kw:
-                for j in index[w]:
-                    flags[j] = 1.0
-        feats += flags
         if not self.n_gram_buckets:
             return feats, []
         # n-gram buckets: crc32 of each word through a bounded cache (words repeat a lot)
         cache = self._word_hash
-        hl = [cache.get(w) for w in used]
+        hl = list(map(cache.get, used))
         if None in hl:
             if len(cache) > _WORD_CACHE_MAX:
                 cache.clear()
@@ -413,8 +375,8 @@ class PromptFeaturizer:
                     grams.append((_F3 ^ hl[0] ^ (hl[1] * 3) ^ (hl[2] * 7)) & mask)
         if turns > 1:
             grams.append(_CONTEXT_GRAM & mask)
-            cw = ctx.encode("utf-8", errors="replace").translate(_WORD_BYTES_TABLE).split()
-            for w in cw[-cfg.context_words:]:
+            for w in cb[-16 * cfg.context_words:].translate(_WORD_BYTES_TABLE).split()[
+                    -cfg.context_words:]:
                 h = cache.get(w)
                 if h is None:
                     h = cache[w] = zlib.crc32(w)
@@ -427,19 +389,32 @@ class PromptFeaturizer:
         idx, counts = np.unique(np.asarray(grams, dtype=np.intp), return_counts=True)
         return idx, counts * (1.0 / math.sqrt(len(grams)) if grams else 0.0)
 
-    def _gram_scores(self, grams: list[int]) -> np.ndarray:
+    def _gram_scores(self, grams: list[int], out: np.ndarray) -> None:
         # never empty: the bias gram is always there
-        return self._intercepts + self._weights.take(grams, axis=0).sum(axis=0) * (
-            1.0 / math.sqrt(len(grams)))
+        np.multiply(self._weights.take(grams, axis=0).sum(axis=0), 1.0 / math.sqrt(len(grams)),
+                    out=out)
 
     def transform_one(self, prompt: Any, prompt_tokens: float) -> np.ndarray:
         """Feature vector (float32) of one prompt."""
         feats, grams = self._analyze(prompt, prompt_tokens)
         if self._weights is None:
             feats += [0.0] * self.n_gram_scores
+            return np.array(feats, dtype=np.float32)
+        x = np.empty(self.n_features, dtype=np.float32)
+        x[:self.gram_score_start] = feats
+        self._gram_scores(grams, x[self.gram_score_start:])
+        return x
+
+    def transform_row(self, prompt: Any, prompt_tokens: float) -> array:
+        """``transform_one`` as an ``array('f')`` (float32 values, read back as Python floats:
+        what the generated tree code takes)."""
+        feats, grams = self._analyze(prompt, prompt_tokens)
+        if self._weights is None:
+            feats += [0.0] * self.n_gram_scores
         else:
-            feats += self._gram_scores(grams).tolist()
-        return np.array(feats, dtype=np.float32)
+            feats += (self._weights.take(grams, axis=0).sum(axis=0)
+                      * (1.0 / math.sqrt(len(grams)))).tolist()
+        return array("f", feats)
 
     def transform(self, prompts: Sequence[Any], prompt_tokens: Sequence[float]) -> np.ndarray:
         """Feature matrix (n, n_features) of several prompts."""
@@ -458,5 +433,5 @@ class PromptFeaturizer:
             if self.has_gram_score:
                 vectors.append(self.gram_vector(grams))
                 if self._weights is not None:
-                    x[i, self.gram_score_start:] = self._gram_scores(grams)
+                    self._gram_scores(grams, x[i, self.gram_score_start:])
         return x, vectors

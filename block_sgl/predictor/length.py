@@ -1,20 +1,27 @@
 """Response-length prediction: an XGBoost quantile regressor (P50, P90) over prompt features.
 
-Model: one XGBoost booster with the quantile objective (``reg:quantileerror``,
-``quantile_alpha = [0.5, 0.9]``: one tree per quantile per round) on the features of
-``block_sgl.predictor.features``, trained on log(1 + output tokens) by default (quantiles are
-invariant under a monotone transform, and trees split the log scale more evenly).
+Model (two stages): (1) linear ridge models over hashed word n-grams of the request, one per
+target in ``FeatureConfig.gram_targets`` (log length, rank, P(length > k), ...), fitted by
+``fit_gram_ridge``; their scores are features of (2) one XGBoost booster with the quantile
+objective (``reg:quantileerror``, ``quantile_alpha = [0.5, 0.9]``, multi-output trees: each
+tree has a (P50, P90) leaf) over those scores and the cheap prompt features of
+``block_sgl.predictor.features``, trained on log(1 + output tokens) (quantiles are invariant
+under a monotone transform, and trees split the log scale more evenly). The training rows get
+out-of-fold n-gram scores (stacking), so the trees learn how far to trust them on new prompts.
+The P50 is the point prediction (MAE is minimised by the median).
 
-Inference does not call XGBoost: at load the booster's trees are compiled into complete binary
-trees stored level by level in numpy arrays (``TreeEnsemble``), and a prediction walks all trees
-at once, one ``take`` per level — about ten numpy calls whatever the number of trees. XGBoost's
-own ``predict`` costs hundreds of µs per single row (thread pool, proxy DMatrix); this costs a
-few (see ``block_sgl/predictor/README.md`` for the measured figures). Parity with
-``Booster.predict`` is a unit test.
+Inference does not call XGBoost (hundreds of µs per single row: thread pool, proxy DMatrix).
+At load the booster is compiled twice (``TreeEnsemble``): into numpy arrays (complete binary
+trees, level by level: ``predict_batch`` and the reference walk) and into generated Python code,
+one nested conditional expression per tree (``predict2``), which ``predict`` runs: for about a
+hundred depth-4 trees that costs less than the numpy walk's fixed ten numpy calls. Parity of
+both with ``Booster.predict`` is a unit test. See ``block_sgl/predictor/README.md`` for the
+measured costs.
 
-Saved model = a directory with ``model.ubj`` (the XGBoost booster, UBJSON) and
+Saved model = a directory with ``model.ubj`` (the XGBoost booster, UBJSON),
+``gram_weights.npy`` (the n-gram models: ``(targets, 2 ** gram_bits + 1)`` float32) and
 ``metadata.json`` (schema + version, feature config, tokenizer id, quantiles, target transform,
-training summary, sha256 of ``model.ubj``). ``LengthPredictor.load`` refuses (ValueError) a
+training summary, sha256 of the two other files). ``LengthPredictor.load`` refuses (ValueError) a
 missing, corrupt or mismatched file with the reason.
 """
 
@@ -32,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from block_sgl.predictor.features import (GRAM_TARGETS, FeatureConfig, PromptFeaturizer,
-                                          _messages)
+                                          _texts)
 
 LENGTH_MODEL_SCHEMA = "block_sgl.length_model"
 LENGTH_MODEL_VERSION = 2
@@ -45,11 +52,12 @@ METADATA_FILE = "metadata.json"
 class LengthModelConfig:
     """XGBoost training settings of the length model (saved in the model metadata)."""
 
-    rounds: int = 150
-    """Boosting rounds (each adds one tree, or one per quantile without multi-output trees)."""
+    rounds: int = 100
+    """Boosting rounds (each adds one tree, or one per quantile without multi-output trees).
+    Inference cost grows with the number of trees (about 0.1-0.2 µs per tree)."""
     max_depth: int = 4
-    """Tree depth; the compiled evaluator costs one vectorised step per level."""
-    learning_rate: float = 0.1
+    """Tree depth (inference visits ``max_depth`` nodes per tree)."""
+    learning_rate: float = 0.15
     min_child_weight: float = 50.0
     subsample: float = 0.8
     colsample_bytree: float = 0.5
@@ -66,9 +74,9 @@ class LengthModelConfig:
     """One tree per round predicting both quantiles (XGBoost ``multi_output_tree``): half the
     trees of one-tree-per-quantile at the same accuracy, so half the inference work."""
     ridge_lambda: float = 1.0
-    """L2 penalty of the n-gram linear model behind the ``gram_score`` feature."""
+    """L2 penalty of the n-gram linear models behind the ``gram_<target>`` features."""
     ridge_folds: int = 5
-    """Folds of the out-of-fold ``gram_score`` of the training rows."""
+    """Folds of the out-of-fold ``gram_<target>`` scores of the training rows."""
     ridge_iterations: int = 200
     """Conjugate-gradient iterations (at most) per ridge fit."""
 
@@ -92,17 +100,20 @@ class LengthModelConfig:
 class TreeEnsemble:
     """An XGBoost tree ensemble compiled for fast single-row evaluation.
 
-    Every tree is padded to a complete binary tree of the ensemble's depth ``D`` (a leaf above
-    depth ``D`` becomes a chain of always-left nodes) and stored level by level, all levels in
-    one array: level ``d`` starts at ``n_trees * (2**d - 1)`` and from node ``a`` of level ``d``
-    the next node is ``2 * a + n_trees + go_right``, for every tree at once. A prediction tests
-    every node in two numpy calls, turns the outcomes into each node's next node in a third
-    (``step = left child + go_right``), then moves every tree one level down per ``take`` and
-    sums the leaves: ``D + 5`` numpy calls whatever the number of trees. Leaves are vectors (one
-    value per output), so both XGBoost layouts work: one tree per output (``tree_info`` = output) and
-    multi-output trees (``size_leaf_vector`` > 1). Routing follows XGBoost: go right iff
-    ``x[feature] >= threshold`` in float32; inputs must not contain NaN (``features`` never
-    produces one).
+    Numpy form: every tree is padded to a complete binary tree of the ensemble's depth ``D`` (a
+    leaf above depth ``D`` becomes a chain of always-left nodes) and stored level by level, all
+    levels in one array: level ``d`` starts at ``n_trees * (2**d - 1)`` and from node ``a`` of
+    level ``d`` the next node is ``2 * a + n_trees + go_right``, for every tree at once. A
+    prediction tests every node in two numpy calls, turns the outcomes into each node's next
+    node in a third (``step = left child + go_right``), then moves every tree one level down
+    per ``take`` and sums the leaves: ``D + 5`` numpy calls whatever the number of trees.
+    Leaves are vectors (one value per output), so both XGBoost layouts work: one tree per
+    output (``tree_info`` = output) and multi-output trees (``size_leaf_vector`` > 1).
+
+    Python form (two outputs only): ``predict2``, generated code (see ``_compile_python``).
+
+    Routing follows XGBoost: go right iff ``x[feature] >= threshold`` in float32; inputs must
+    not contain NaN (``features`` never produces one).
     """
 
     def __init__(self, booster_json: dict):
@@ -150,6 +161,13 @@ class TreeEnsemble:
         self.base = base
         # left child of every internal node (its right child is the next index)
         self._left = np.arange(self._leaf_offset, dtype=np.intp) * 2 + n
+        # two outputs as one complex number: one take and one sum for both
+        self._leaf2 = (self.leaf[:, 0] + 1j * self.leaf[:, 1]) if n_out == 2 else None
+        self.predict2 = _compile_python(parsed, base, self.n_features) if n_out == 2 else None
+        """For two outputs: ``predict2(x) -> complex(out0, out1)`` of one row ``x`` (a sequence
+        of ``n_features`` floats already rounded to float32, e.g. an ``array('f')``): the trees
+        as generated Python code, which for up to a few hundred trees costs less than the
+        numpy walk's fixed cost of ten numpy calls."""
 
     def predict_margin(self, x: np.ndarray) -> np.ndarray:
         """Raw outputs (n_groups,) of one float32 feature row."""
@@ -160,6 +178,17 @@ class TreeEnsemble:
         for _ in range(self.depth - 1):
             node = step.take(node)
         return self.leaf.take(node, axis=0).sum(axis=0)
+
+    def predict_margin2(self, x: np.ndarray) -> complex:
+        """``predict_margin`` of a two-output ensemble as ``complex(out0, out1)``: the fastest
+        single-row path (``LengthPredictor.predict``)."""
+        if not self.depth:
+            return complex(self._leaf2.sum())
+        step = np.add(self._left, x.take(self.node_feature) >= self.node_threshold)
+        node = step[:self.n_trees]
+        for _ in range(self.depth - 1):
+            node = step.take(node)
+        return complex(self._leaf2.take(node).sum())
 
     def predict_margin_batch(self, x: np.ndarray, chunk: int = 512) -> np.ndarray:
         """Raw outputs (n, n_groups) of a float32 feature matrix (n, n_features)."""
@@ -176,6 +205,28 @@ class TreeEnsemble:
                 node = np.take_along_axis(step, node, axis=1)
             out[lo:lo + chunk] = self.leaf[node].sum(axis=1)
         return out
+
+
+def _compile_python(parsed: list, base: np.ndarray, n_features: int):
+    """Python function ``f(x) -> complex`` summing the two-output trees ``parsed`` (as from
+    ``_parse_tree``) plus ``base`` for a row ``x`` of float32-rounded floats: one nested
+    conditional expression per tree, ``right if x[feature] >= threshold else left`` (XGBoost's
+    routing: a float32 threshold compared with a float32 value is exact in Python floats)."""
+    def expr(tree, node: int) -> str:
+        left, right, feat, thr, values, _ = tree
+        if values[node] is not None:
+            return repr(complex(float(values[node][0]), float(values[node][1])))
+        return (f"({expr(tree, right[node])} if x{int(feat[node])} >= {float(thr[node])!r} "
+                f"else {expr(tree, left[node])})")
+
+    lines = ["def trees(x):", f"    ({', '.join(f'x{i}' for i in range(n_features))},) = x",
+             f"    s = {complex(float(base[0]), float(base[1]))!r}"]
+    for lo in range(0, len(parsed), 16):  # short statements: no deep expression nesting
+        lines.append("    s += " + " + ".join(expr(t, 0) for t in parsed[lo:lo + 16]))
+    lines.append("    return s")
+    namespace: dict = {}
+    exec(compile("\n".join(lines), "<length-model trees>", "exec"), namespace)  # noqa: S102
+    return namespace["trees"]
 
 
 def _parse_base_score(value: Any, n_out: int) -> np.ndarray:
@@ -287,10 +338,12 @@ def fit_gram_ridge(vectors: Sequence[tuple[np.ndarray, np.ndarray]], targets: np
 
 
 def _gram_predict(vectors, weights: np.ndarray) -> np.ndarray:
-    """(n, k) scores of sparse rows under ``fit_gram_ridge`` weights (k, n_buckets + 1)."""
-    w = np.asarray(weights, dtype=np.float64).reshape(-1, weights.shape[-1])
-    wt, b = np.ascontiguousarray(w[:, :-1].T), w[:, -1]
-    return np.array([b + v @ wt[i] for i, v in vectors]).reshape(len(vectors), len(b))
+    """(n, k) scores of sparse rows under ``fit_gram_ridge`` weights (k, n_buckets + 1),
+    without the intercepts (as ``PromptFeaturizer`` computes them)."""
+    w = np.asarray(weights, dtype=np.float32).reshape(-1, weights.shape[-1])
+    wt = np.ascontiguousarray(w[:, :-1].T)
+    return np.array([v.astype(np.float32) @ wt[i] for i, v in vectors],
+                    dtype=np.float32).reshape(len(vectors), len(w))
 
 
 class LengthPredictor:
@@ -332,7 +385,7 @@ class LengthPredictor:
     # -- prediction ---------------------------------------------------------------------------
     def _tokens(self, prompt: Any, prompt_token_count: float | None) -> float:
         if prompt_token_count is None:
-            texts = _messages(prompt)[0]
+            texts = _texts(prompt)
             return (sum(map(len, texts)) + max(len(texts) - 1, 0)) * self.tokens_per_char
         return prompt_token_count
 
@@ -351,8 +404,10 @@ class LengthPredictor:
         tokens of the served model's tokenizer (estimated from characters when None). Always
         finite, within [1, the longest training response], P90 >= P50.
         """
-        x = self.featurizer.transform_one(prompt, self._tokens(prompt, prompt_token_count))
-        m50, m90 = self.ensemble.predict_margin(x).tolist()
+        if prompt_token_count is None:
+            prompt_token_count = self._tokens(prompt, None)
+        m = self.ensemble.predict2(self.featurizer.transform_row(prompt, prompt_token_count))
+        m50, m90 = m.real, m.imag
         if self.log_target:  # plain floats: numpy calls cost more than the math here
             m50 = math.expm1(min(m50, 50.0))
             m90 = math.expm1(min(m90, 50.0))
@@ -502,7 +557,7 @@ def train_length_model(prompts: Sequence[Any], prompt_token_counts: Sequence[flo
         log("gram scores fitted")
     booster = xgb.train(config.xgb_params(), xgb.DMatrix(x, label=target, nthread=config.nthread),
                         num_boost_round=config.rounds)
-    chars = sum(sum(map(len, t)) + max(len(t) - 1, 0) for t in map(lambda p: _messages(p)[0],
+    chars = sum(sum(map(len, t)) + max(len(t) - 1, 0) for t in map(_texts,
                                                                        prompts))
     meta = {
         "schema": LENGTH_MODEL_SCHEMA,

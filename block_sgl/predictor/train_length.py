@@ -16,7 +16,8 @@ so parts of one conversation never straddle train and test. Training uses the tr
 ``eval_length`` evaluates on the held-out part recorded in the model's metadata.
 
 Tokenizer: ``--tokenizer`` (a ``tokenizer.json`` or a directory holding one) or by default the
-ShareGPT byte-level BPE of ``tokenizer_train.sharegpt_bpe_tokenizer`` (trained once, cached).
+32k ShareGPT byte-level BPE of ``tokenizer_train.sharegpt_bpe_tokenizer`` — the tiny test
+model's tokenizer (``block_sgl.testing.tiny_model.train_tokenizer``), trained once and cached.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (model.ubj + metadata.json)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (or a directory holding one) that counts tokens; default: "
-                        "the ShareGPT byte-level BPE (32k), trained once and cached")
+                        "the tiny test model's ShareGPT byte-level BPE (32k), trained once and "
+                        "cached")
     p.add_argument("--cache-dir", default="~/.cache/block_sgl",
                    help="where the default tokenizer is cached (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+from array import array
 
 import numpy as np
 import pytest
@@ -76,6 +77,11 @@ def test_compiled_trees_match_xgboost(data, multi_output):
     ref = xgb.Booster(model_file=bytearray(m._raw)).predict(xgb.DMatrix(x), output_margin=True)
     np.testing.assert_allclose(m.ensemble.predict_margin_batch(x), ref, atol=1e-4)
     np.testing.assert_allclose(m.ensemble.predict_margin(x[3]), ref[3], atol=1e-4)
+    # the generated Python code (what predict runs) and the numpy walk agree on every row
+    py = np.array([m.ensemble.predict2(array("f", row)) for row in x])
+    np.testing.assert_allclose(np.stack([py.real, py.imag], axis=1), ref, atol=1e-4)
+    np.testing.assert_allclose(np.stack([py.real, py.imag], axis=1),
+                               m.ensemble.predict_margin_batch(x), rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("prompt,tokens", [
@@ -166,16 +172,15 @@ def test_featurizer_shapes_and_normalization():
     x = f.transform_one("Write a 500-word essay. Explain step by step?", 12)
     names = f.names
     assert x[names.index("requested_words")] == 500
-    assert x[names.index("kw_write")] == 1 and x[names.index("kw_explain")] == 1
-    assert x[names.index("kw_code")] == 0
-    assert x[names.index("ends_with_question")] == 1
+    assert x[names.index("window_words")] == 9 and x[names.index("turns")] == 1
+    assert x[names.index("question_marks")] == 1 and x[names.index("last_end_alnum")] == 0
     # the context: the previous answer stops mid-sentence inside an open code block
     x = f.transform_one([{"role": "user", "content": "Write a parser"},
                          {"role": "assistant", "content": "Here:\n```python\ndef parse(s"},
                          {"role": "user", "content": "continue"}], 20)
-    assert x[names.index("turns")] == 3 and x[names.index("has_assistant_turn")] == 1
+    assert x[names.index("turns")] == 3 and x[names.index("last_end_alnum")] == 1
     assert x[names.index("context_open_fence")] == 1 and x[names.index("context_end_alnum")] == 1
-    assert x[names.index("kw_continue")] == 1
+    assert x[names.index("context_lines")] == 4 and x[names.index("context_code_fences")] == 1
     assert x[names.index("chars")] == len("Write a parser\nHere:\n```python\ndef parse(s\ncontinue")
     with pytest.raises(ValueError, match="gram_targets"):
         FeatureConfig.from_dict({**FEATURES.to_dict(), "gram_targets": ["nope"]})
