@@ -10,8 +10,29 @@ by ``tests/integration/test_hooks.py``.
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 
 import numpy as np
+
+_U32 = next(code for code in "IL" if array(code).itemsize == 4)
+
+
+def _le_u32_bytes(token_ids) -> bytes:
+    """``token_ids`` as little-endian uint32 bytes. ``array`` converts a list of ints ~3x faster
+    than numpy and rejects values outside [0, 2**32) itself (OverflowError)."""
+    if isinstance(token_ids, np.ndarray):
+        ids = token_ids.astype(np.int64, copy=False)
+        if len(ids) and (ids.min() < 0 or ids.max() > 0xFFFFFFFF):
+            raise ValueError("token ids must be in [0, 2**32)")
+        return ids.astype("<u4").tobytes()
+    try:
+        packed = array(_U32, token_ids)
+    except OverflowError:
+        raise ValueError("token ids must be in [0, 2**32)") from None
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def page_digests(token_ids, page_size: int, parent: bytes | None = None) -> list[bytes]:
@@ -21,11 +42,8 @@ def page_digests(token_ids, page_size: int, parent: bytes | None = None) -> list
     full = len(token_ids) - len(token_ids) % page_size
     if full == 0:
         return []
-    ids = np.asarray(token_ids[:full], dtype=np.int64)
-    if ids.min() < 0 or ids.max() > 0xFFFFFFFF:
-        raise ValueError("token ids must be in [0, 2**32)")
     # One conversion for the whole prompt, then one SHA-256 per page over a bytes slice.
-    data = ids.astype("<u4").tobytes()
+    data = _le_u32_bytes(token_ids[:full])
     step = page_size * 4
     sha256 = hashlib.sha256
     digests = []
@@ -58,10 +76,7 @@ class PromptPages:
         self.page_size = page_size
         self.n_pages = len(token_ids) // page_size
         full = self.n_pages * page_size
-        ids = np.asarray(token_ids[:full], dtype=np.int64)
-        if full and (ids.min() < 0 or ids.max() > 0xFFFFFFFF):
-            raise ValueError("token ids must be in [0, 2**32)")
-        self._data = ids.astype("<u4").tobytes()
+        self._data = _le_u32_bytes(token_ids[:full])
         self._digests: list[bytes] = []
         self._hashes: list[int] = []
 

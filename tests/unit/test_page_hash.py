@@ -42,3 +42,14 @@ def test_invalid_ids_and_page_sizes_are_refused():
         page_hashes([-1] * 16, 16)
     with pytest.raises(IndexError):
         PromptPages([1] * 16, 16).hash(1)
+
+
+def test_numpy_and_list_inputs_agree_and_out_of_range_ids_are_refused():
+    import numpy as np
+
+    ids = list(range(1000, 1064))
+    assert page_hashes(np.asarray(ids), 16) == page_hashes(ids, 16) == reference(ids, 16)
+    assert PromptPages(np.asarray(ids, dtype=np.int32), 16).all() == reference(ids, 16)
+    for bad in ([2 ** 32] * 16, np.full(16, -5), np.full(16, 2 ** 32)):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 2\*\*32\)"):
+            PromptPages(bad, 16)
