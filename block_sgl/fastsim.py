@@ -93,6 +93,18 @@ class RequestTable:
             raise ValueError(f"rows must have {_spec.N_FIELDS} fields {_spec.FIELDS}")
         return cls(*a.T)
 
+    @staticmethod
+    def packed_rows(rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """The kernel layout ``from_rows(rows).packed`` ((fields, n) int64, C-contiguous)
+        without building a RequestTable (the router rebuilds its pending requests' table at
+        almost every decision)."""
+        if not rows:
+            return np.zeros((_spec.N_FIELDS, 0), dtype=np.int64)
+        a = np.array(rows, dtype=np.int64)
+        if a.ndim != 2 or a.shape[1] != _spec.N_FIELDS:
+            raise ValueError(f"rows must have {_spec.N_FIELDS} fields {_spec.FIELDS}")
+        return np.ascontiguousarray(a.T)
+
     def concat(self, other: "RequestTable") -> "RequestTable":
         p = np.concatenate([self.packed, other.packed], axis=1)
         return RequestTable(*p)
@@ -181,6 +193,12 @@ class InstanceState:
     def with_pending(self, pending: RequestTable) -> "InstanceState":
         """A copy whose pending requests (dispatched, not yet in the snapshot) are ``pending``."""
         return dataclasses.replace(self, pending=pending)
+
+    def arrays_with_pending(self, pending_packed: np.ndarray) -> tuple:
+        """``with_pending(...).arrays`` without building the copy (the router's hot path):
+        ``pending_packed`` is a ``packed_rows`` result."""
+        running, waiting, _, iscal, fscal = self.arrays
+        return running, waiting, pending_packed, iscal, fscal
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stale-after", type=float, default=2.0, metavar="S",
                    help="stream silence after which an instance is routed on the router's own "
                         "accounting")
+    g.add_argument("--calibration-refit-interval", type=float, default=2.0, metavar="S",
+                   help="refit each instance's step model from its step records at most every "
+                   "S seconds (drift is still checked every 64 records)")
     g.add_argument("--seed", type=int, help="seed for random choices (random, power_of_two, k)")
     g = p.add_argument_group("SLO admission (block policies)")
     g.add_argument("--slo-ttft-ms", type=float, help="TTFT objective; enables admission")
@@ -78,7 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--health-interval", type=float, default=1.0, metavar="S")
     g.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
+    g.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"),
+                   help="uvloop (default; the loop SGLang's own HTTP server runs on, pinned "
+                   "by SGLang) or asyncio (the standard library loop)")
     return p
+
+
+def run_event_loop(kind: str, coro) -> None:
+    """Run ``coro`` on the chosen event loop; a missing uvloop is an error, not a fallback."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            coro.close()
+            raise SystemExit("error: --event-loop uvloop needs the uvloop package "
+                             "(pip install uvloop), or pass --event-loop asyncio") from None
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)
 
 
 def config_from_args(args) -> RouterConfig:
@@ -88,7 +108,8 @@ def config_from_args(args) -> RouterConfig:
         policy=args.policy, host=args.host, port=args.port, tokenizer_path=args.tokenizer_path,
         length_model=args.length_model, slo_ttft_ms=args.slo_ttft_ms, slo_factor=args.slo_factor,
         slo_action=args.slo_action, api_key=args.api_key, power_of_k=args.power_of_k,
-        stale_after_s=args.stale_after, use_ignore_eos_hint=not args.no_ignore_eos_hint,
+        stale_after_s=args.stale_after,
+        calibration_refit_interval_s=args.calibration_refit_interval, use_ignore_eos_hint=not args.no_ignore_eos_hint,
         max_retries=args.max_retries, seed=args.seed, log_level=args.log_level,
         health=HealthSettings(interval_s=args.health_interval),
         cache_aware=CacheAwareSettings(cache_threshold=args.cache_threshold,
@@ -219,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     except StartupError as e:
         raise SystemExit(f"error: {e}") from None
     try:
-        asyncio.run(serve(config, app_obj))
+        run_event_loop(args.event_loop, serve(config, app_obj))
     except KeyboardInterrupt:
         pass
     except OSError as e:

@@ -39,6 +39,7 @@ import itertools
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -416,14 +417,23 @@ class OnlineCalibrator:
     Convergence after a hardware change is bounded by ``refit_every`` (rescale) plus
     ``min_fit_records`` (refit on new records only) steps; ``tests/unit/test_perf_model.py``
     measures it. Each refit costs a few ms to tens of ms for a 1024-record window; callers on a
-    latency-critical path should run ``observe`` off that path.
+    latency-critical path should run ``observe`` off that path, and a busy instance (hundreds
+    of steps a second) should set ``min_refit_interval_s``: the drift check still runs every
+    ``refit_every`` records (cheap), the full refit of a model that has not drifted at most
+    once per interval (the router uses 2 s: refitting every 64 steps cost a router in front of
+    one busy instance ~15 % of its CPU).
     """
 
     def __init__(self, initial: StepModel | None = None, *, window: int = 1024,
                  refit_every: int = 64, min_fit_records: int = 128, drift_threshold: float = 0.15,
-                 options: FitOptions | None = None):
+                 options: FitOptions | None = None, min_refit_interval_s: float = 0.0,
+                 clock=time.monotonic):
         if window < min_fit_records or min_fit_records < refit_every or refit_every < 1:
             raise ValueError("OnlineCalibrator needs window >= min_fit_records >= refit_every >= 1")
+        if not min_refit_interval_s >= 0:
+            raise ValueError(f"min_refit_interval_s must be >= 0, got {min_refit_interval_s}")
+        self.min_refit_interval_s, self._clock = min_refit_interval_s, clock
+        self._last_fit_at: float | None = None
         self.window, self.refit_every = window, refit_every
         self.min_fit_records, self.drift_threshold = min_fit_records, drift_threshold
         self.options = options or FitOptions()
@@ -443,7 +453,8 @@ class OnlineCalibrator:
 
     def observe(self, prefill_tokens: float, prefill_context_tokens: float, decode_seqs: float,
                 decode_context_tokens: float, seconds: float) -> bool:
-        """Add one step record; returns True when this call refitted the model. Invalid records
+        """Add one step record; returns True when this call changed the model (a refit or a
+        drift rescale). Invalid records
         (non-finite, negative, no tokens, non-positive time) are counted and skipped."""
         row = (float(prefill_tokens), float(prefill_context_tokens), float(decode_seqs),
                float(decode_context_tokens), float(seconds))
@@ -457,8 +468,7 @@ class OnlineCalibrator:
         if self._since_refit < self.refit_every:
             return False
         self._since_refit = 0
-        self._refit()
-        return True
+        return self._refit()
 
     def observe_record(self, record: StepRecord) -> bool:
         return self.observe(record.prefill_tokens, record.prefill_context_tokens,
@@ -468,7 +478,8 @@ class OnlineCalibrator:
         rows = list(self._buf)[-last:] if last else list(self._buf)
         return StepRecords(*np.array(rows, dtype=np.float64).T)
 
-    def _refit(self) -> None:
+    def _refit(self) -> bool:
+        changed = False
         if self._model is not None:
             recent = self._records(self.refit_every)
             ratio = recent.seconds / np.maximum(predict_seconds(self._model, recent), 1e-300)
@@ -485,10 +496,18 @@ class OnlineCalibrator:
                     self._buf.extend(keep)
                     self._fresh = True
                 self._model = scaled(self._model, float(np.median(ratio[start:])))
+                changed = True
         if len(self._buf) >= self.min_fit_records or self._model is None:
+            now = self._clock()
+            if (self._model is not None and not self._fresh and self._last_fit_at is not None
+                    and now - self._last_fit_at < self.min_refit_interval_s):
+                return changed  # refitted recently and no drift: the window keeps filling
             self._model = fit(self._records(), prior=self._model, options=self.options)
+            self._last_fit_at = now
             self._fresh = False
             self.refits += 1
+            changed = True
+        return changed
 
 
 def _change_point(off: np.ndarray) -> int:

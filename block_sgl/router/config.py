@@ -75,6 +75,9 @@ class RouterConfig:
     stale_after_s: float = 2.0
     """An instance whose stream has been silent this long is routed on the router's own
     accounting (documented in README: stale instances)."""
+    calibration_refit_interval_s: float = 2.0
+    """Each instance's step model is refitted from its step records at most this often (a
+    drift is still detected, and rescaled for, every 64 records)."""
     speculative_prefix_ttl_s: float = 10.0
     """How long a dispatched prompt's pages count as cached on its instance before the
     instance's own cache events confirm (or never confirm) them."""
@@ -144,6 +147,9 @@ class RouterConfig:
                      "request_timeout_s", "slo_queue_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.calibration_refit_interval_s >= 0:
+            raise ConfigError("--calibration-refit-interval must be >= 0, got "
+                              f"{self.calibration_refit_interval_s}")
         if self.max_retries < 0:
             raise ConfigError(f"--max-retries must be >= 0, got {self.max_retries}")
         if self.default_output_len < 1:

@@ -88,6 +88,7 @@ class Worker:
     """Figures of the last snapshot: running, waiting, queued prefill, used KV, free KV, total."""
     _pending_queued: int = 0
     _pending_table: object = None
+    """Kernel layout of ``pending`` (``fastsim.RequestTable.packed_rows``); None: rebuild."""
     _oldest_pending: float = 0.0
     _state_cache: tuple | None = None
     """(snapshot, fastsim.InstanceState without pending, hello)."""
@@ -155,7 +156,8 @@ class Router:
             raise ValueError(f"{len(endpoints)} endpoints for {len(self.workers)} workers")
         for w, e in zip(self.workers, endpoints):
             w.endpoint = e
-            w.calibrator = OnlineCalibrator()
+            w.calibrator = OnlineCalibrator(
+                min_refit_interval_s=self.config.calibration_refit_interval_s)
             self._by_endpoint[e] = w
         factory = self._subscriber_factory or StreamSubscriber
         extra = {"on_snapshot": self._on_snapshot} if self.config.completions_from_stream else {}
@@ -309,7 +311,10 @@ class Router:
         worker._pending_table = None
         return r
 
-    def _fastsim_state(self, worker: Worker, snap: p.Snapshot | None, stale: bool, now: float):
+    def _fastsim_arrays(self, worker: Worker, snap: p.Snapshot | None, stale: bool,
+                        now: float):
+        """The instance as fastsim's kernel takes it (``InstanceState.arrays``): the last
+        snapshot's state (cached per snapshot) plus this router's pending requests."""
         hello = worker.stream.hello if worker.stream is not None else None
         if hello is None:
             return None
@@ -331,12 +336,12 @@ class Router:
         if worker.base_model is None:
             worker.base_model = self._profile_model(hello)
         if not worker.pending:
-            return base
+            return base.arrays
         if worker._pending_table is None:
             rows = [(r.input_len, r.prefix_len, 0, r.max_new_tokens, int(r.ignore_eos),
                      r.pred_output_len) for r in worker.pending.values()]
-            worker._pending_table = fastsim.RequestTable.from_rows(rows)
-        return base.with_pending(worker._pending_table)
+            worker._pending_table = fastsim.RequestTable.packed_rows(rows)
+        return base.arrays_with_pending(worker._pending_table)
 
     def _profile_model(self, hello: p.Hello) -> StepModel:
         """The step model before the instance's own step records calibrate it: its emulated
@@ -448,10 +453,10 @@ class Router:
         arrays, coeffs, idx = [], [], []
         for i in chosen:
             w, (v, snap) = workers[i], pairs[i]
-            state = self._fastsim_state(w, snap, v.stale, now)
-            if state is None:
+            state_arrays = self._fastsim_arrays(w, snap, v.stale, now)
+            if state_arrays is None:
                 continue
-            arrays.append(state.arrays)
+            arrays.append(state_arrays)
             coeffs.append(w.coeff_array())
             idx.append(i)
         views = [pairs[i][0] for i in chosen]

@@ -357,3 +357,21 @@ def test_bad_arrays_at_the_edge():
         StepModel(1e-3, float("nan"), 1.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="schedule_policy"):
         InstanceConfig(max_total_num_tokens=10, max_running_requests=1, schedule_policy="lof")
+
+
+def test_router_fast_path_arrays_equal_the_table_path():
+    """``packed_rows`` / ``arrays_with_pending`` (the router's hot path) give the kernel exactly
+    what ``from_rows`` / ``with_pending`` give, and the same prediction."""
+    pending_rows = [(900, 128, 0, 256, 1, 256), (300, 0, 0, 512, 0, 80)]
+    state = InstanceState(CFG, rows(3, out=7), rows(2), free_kv_tokens=150_000)
+    fast = state.arrays_with_pending(RequestTable.packed_rows(pending_rows))
+    slow = state.with_pending(RequestTable.from_rows(pending_rows)).arrays
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, slow))
+    assert fast[2].flags.c_contiguous
+    cand = Candidate(800, 0, 100, 512)
+    for kernel in IMPLS.values():
+        assert kernel.simulate(*fast, M.as_array(), cand.packed, None, False) == \
+            kernel.simulate(*slow, M.as_array(), cand.packed, None, False)
+    assert RequestTable.packed_rows([]).shape == RequestTable.empty().packed.shape
+    with pytest.raises(ValueError, match="fields"):
+        RequestTable.packed_rows([(1, 2, 3)])

@@ -191,3 +191,25 @@ def test_calibrator_prior_keeps_unseen_coefficients():
     assert m.per_prefill_pair_s == pytest.approx(DEFAULT_H100_LLAMA2_7B.per_prefill_pair_s, rel=0.05)
     assert m.per_decode_context_token_s == pytest.approx(
         DEFAULT_H100_LLAMA2_7B.per_decode_context_token_s, rel=0.05)
+
+
+def test_refit_interval_throttles_full_refits_but_not_drift():
+    """With ``min_refit_interval_s`` a steady instance is refitted at most once per interval
+    (a fake clock here), while a hardware change is still rescaled for within ``refit_every``
+    records and refitted as soon as the new regime has enough records."""
+    now = [0.0]
+    cal = OnlineCalibrator(window=WINDOW, refit_every=REFIT_EVERY, min_fit_records=MIN_FIT,
+                           min_refit_interval_s=10.0, clock=lambda: now[0])
+    rng = np.random.default_rng(41)
+    _feed(cal, profile_records("h100-llama2-7b", 600, rng))
+    assert cal.refits == 1  # the first fit, then no time passed
+    now[0] = 10.0
+    _feed(cal, profile_records("h100-llama2-7b", 2 * REFIT_EVERY, rng))
+    assert cal.refits == 2 and cal.drift_events == 0
+    new = profile_records("h100-llama2-7b", 320, rng, time_scale=2.0)
+    heldout = profile_records("h100-llama2-7b", 300, np.random.default_rng(42), time_scale=2.0)
+    _feed(cal, new)  # the clock stands still: only the drift path may refit
+    assert cal.drift_events >= 1 and cal.refits >= 3
+    assert np.median(relative_errors(cal.model, heldout)) <= 0.05
+    with pytest.raises(ValueError, match="min_refit_interval_s"):
+        OnlineCalibrator(min_refit_interval_s=-1)
