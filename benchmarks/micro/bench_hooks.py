@@ -58,7 +58,7 @@ def fake_req(i: int):
         rid=f"req-{i:08d}", origin_input_ids=[0] * (500 + i % 1000), output_ids=[0] * (i % 300),
         cached_tokens=128, prefix_len=0,
         sampling_params=types.SimpleNamespace(max_new_tokens=512, ignore_eos=False),
-        finished=lambda: False)
+        finished_reason=None, finished=lambda: False)
 
 
 def fake_scheduler(running: int, waiting: int, first: int = 0):

@@ -55,7 +55,9 @@ def endpoints_for_rank(publish: str, dp_rank: int) -> tuple[str, str]:
 
 
 _OUTPUT = operator.attrgetter("output_ids")
-_CACHED_PREFIX = operator.attrgetter("cached_tokens", "prefix_len")
+_FINISHED_REASON = operator.attrgetter("finished_reason")
+_CACHED = operator.attrgetter("cached_tokens")
+_PREFIX = operator.attrgetter("prefix_len")
 _is = operator.is_
 _EMPTY_LIST: list = []
 _EMPTY_COLUMNS = p.RequestColumns()
@@ -114,9 +116,10 @@ class _SnapshotAssembler:
 
     def assemble(self, captured: tuple, fields: dict) -> p.Snapshot:
         rows, columns, changed = self.rows, [], False
-        for group, (reqs, prefix_len, output_len) in zip(self.groups, captured):
+        for group, (reqs, cached, prefix, output_len) in zip(self.groups, captured):
             changed |= group.update(reqs, rows)
             if reqs:
+                prefix_len = [q if q > c else c for c, q in zip(cached, prefix)]  # max(c, q)
                 rid, input_len, max_new, ignore_eos = group.static
                 columns.append(p.RequestColumns(
                     rid=rid, input_len=input_len, prefix_len=prefix_len, output_len=output_len,
@@ -132,10 +135,12 @@ class _SnapshotAssembler:
 
 
 def _capture(reqs: list) -> tuple:
-    """On the scheduler thread: what changes while a request lives, read now."""
+    """On the scheduler thread: what changes while a request lives, read now — each attribute
+    in one C-level pass (the max of cached_tokens and prefix_len is left to the publisher
+    thread: a Python-level comprehension here cost as much as the three passes together)."""
     if not reqs:
-        return _EMPTY_LIST, _EMPTY_LIST, _EMPTY_LIST
-    return (reqs, [q if q > c else c for c, q in map(_CACHED_PREFIX, reqs)],  # max(c, q)
+        return _EMPTY_LIST, _EMPTY_LIST, _EMPTY_LIST, _EMPTY_LIST
+    return (reqs, list(map(_CACHED, reqs)), list(map(_PREFIX, reqs)),
             list(map(len, map(_OUTPUT, reqs))))
 
 
@@ -329,7 +334,14 @@ class SchedulerTap:
             seen = {r.rid for r in running}
             running = list(running) + [r for r in last.reqs if r.rid not in seen
                                        and r is not chunked and not r.finished()]
-        running = [r for r in running if not r.finished()]
+        # Req.finished() is ``finished_reason is not None`` (schedule_batch.py); read the
+        # attribute for all in one C-level pass. Always a new list: SGLang mutates its own in
+        # place after this returns, and the publisher thread reads ours later.
+        reasons = list(map(_FINISHED_REASON, running))
+        if reasons.count(None) != len(reasons):
+            running = [r for r, f in zip(running, reasons) if f is None]
+        elif running is scheduler.running_batch.reqs:
+            running = list(running)
         captured = (_capture(running), _capture(list(scheduler.waiting_queue)),
                     _capture([chunked] if chunked is not None else _EMPTY_LIST))
         return _CapturedSnapshot(self, captured, dict(
