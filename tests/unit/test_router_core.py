@@ -203,3 +203,5 @@ def test_invalid_configurations_are_refused_with_the_setting_named():
         RouterConfig(worker_urls=(URLS[0], URLS[0]))
     with pytest.raises(ConfigError, match="--policy 'fastest' is unknown"):
         RouterConfig(worker_urls=URLS, policy="fastest")
+    with pytest.raises(ConfigError, match="--calibration-refit-interval must be >= 0"):
+        RouterConfig(worker_urls=URLS, calibration_refit_interval_s=-1.0)
