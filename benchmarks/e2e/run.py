@@ -553,12 +553,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-requests", action="store_true",
                    help="write every request's measurements (jsonl) next to the router logs")
     g.add_argument("--smoke", action="store_true",
-                   help="CI size: 2 instances, block vs round_robin, 16 Mooncake requests, one "
-                        "rate, one seed, no sglang-router")
+                   help="CI size: 2 instances, block vs round_robin, 16 Mooncake requests (from "
+                        "the trace slice in benchmarks/e2e/data/smoke), one rate, one seed, no "
+                        "sglang-router")
     return p
 
 
+SMOKE_DATA_DIR = Path(__file__).resolve().parent / "data" / "smoke"
+"""A 200-request slice of the Mooncake trace kept in the repo (see its README.md): the smoke
+run must not depend on the shared data folder being next to the checkout."""
+
+
 def apply_smoke(args) -> None:
+    args.data_dir = str(SMOKE_DATA_DIR)
     args.instances = 2
     args.workloads = ["mooncake"]
     args.policies = ["block", "round_robin"]
@@ -611,11 +618,14 @@ def main(argv=None) -> int:
     opts = {"mooncake_length_scale": args.mooncake_length_scale, "max_context": args.max_context,
             "mooncake_arrivals": args.mooncake_arrivals, "as_text": args.prompt_format == "text",
             "azure_length_scale": args.azure_length_scale,
-            "sharegpt_arrivals": args.sharegpt_arrivals, "gsp": args.gsp}
-    wl.DATA_DIR = Path(args.data_dir)
+            "sharegpt_arrivals": args.sharegpt_arrivals, "gsp": args.gsp,
+            "data_dir": Path(args.data_dir)}
     print("building workloads ...", flush=True)
-    built = {name: {seed: _build(name, args, seed, tokens, opts) for seed in args.seeds}
-             for name in args.workloads}
+    try:
+        built = {name: {seed: _build(name, args, seed, tokens, opts) for seed in args.seeds}
+                 for name in args.workloads}
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
 
     meta = {
         "benchmark": "block_sgl e2e (issue 8)", "tag": tag, "smoke": args.smoke,

@@ -288,17 +288,25 @@ def gsp(seed: int, tokens: TokenSource, *, groups: int = 16, prompts_per_group: 
 
 
 def build(name: str, n: int, seed: int, tokens: TokenSource, opts: dict) -> Workload:
-    """One workload by name; ``opts`` holds the CLI's per-workload settings."""
+    """One workload by name; ``opts`` holds the CLI's per-workload settings (``data_dir``:
+    the trace folder, default ``DATA_DIR``)."""
+    data_dir = Path(opts.get("data_dir") or DATA_DIR)
+    needs = {"mooncake": MOONCAKE_FILE, "azure": AZURE_FILE}.get(name)
+    if name == "sharegpt" and opts["sharegpt_arrivals"] == "azure":
+        needs = AZURE_FILE
+    if needs and not (data_dir / needs).is_file():
+        raise FileNotFoundError(f"workload {name!r} needs {data_dir / needs}: pass --data-dir "
+                                f"(or set BLOCK_SGL_DATA) to the folder holding {needs}")
     if name == "mooncake":
         w = mooncake(n, seed, tokens, length_scale=opts["mooncake_length_scale"],
                      max_context=opts["max_context"], arrivals=opts["mooncake_arrivals"],
-                     as_text=opts["as_text"])
+                     as_text=opts["as_text"], data_dir=data_dir)
     elif name == "azure":
         w = azure(n, seed, tokens, length_scale=opts["azure_length_scale"],
-                  max_context=opts["max_context"], as_text=opts["as_text"])
+                  max_context=opts["max_context"], as_text=opts["as_text"], data_dir=data_dir)
     elif name == "sharegpt":
         w = sharegpt(n, seed, tokens, arrivals=opts["sharegpt_arrivals"],
-                     max_context=opts["max_context"])
+                     max_context=opts["max_context"], data_dir=data_dir)
     elif name == "gsp":
         g, ppg, s, q, o = opts["gsp"]
         groups = max(1, min(g, math.ceil(n / ppg)))
