@@ -93,19 +93,10 @@ def cpu_times() -> tuple[float, float] | None:
 
 def group_cpu_s(pgids: set[int]) -> float:
     """CPU seconds (user + system) used so far by the live processes of these process groups."""
+    from block_sgl.testing.cluster import proc_stats
+
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        f = stat[stat.rindex(")") + 2:].split()
-        if int(f[2]) in pgids:
-            total += (int(f[11]) + int(f[12])) / tick
-    return total
+    return sum((int(f[11]) + int(f[12])) / tick for _, f in proc_stats() if int(f[2]) in pgids)
 
 
 def self_cpu_s() -> float:
@@ -693,13 +684,17 @@ def main(argv=None) -> int:
             rows = results["capacity"].setdefault(name, [])
             print(f"-- capacity search, side by side: {', '.join(s.name for s in specs)}",
                   flush=True)
-            base = len(rows)
+            def search(searched, rows=rows, by_seed=by_seed):
+                """Append the capacity rows of ``searched``, the partial file kept current."""
+                base = len(rows)
 
-            def on_round(current, base=base, rows=rows):
-                rows[base:] = current
+                def on_round(current):
+                    rows[base:] = current
+                    _write_partial(out, tag, results)
+                rows[base:] = bench.capacities(searched, by_seed, on_round)
                 _write_partial(out, tag, results)
-            rows[base:] = bench.capacities(specs, by_seed, on_round)
-            _write_partial(out, tag, results)
+
+            search(specs)
             if args.sweep_cache_aware:
                 base_caps = [r["capacity_rps"] for r in rows if not r["is_block"]]
                 rate = args.sweep_rate or 1.1 * max(base_caps + [args.start_rate or 0.5 * len(urls)])
@@ -720,13 +715,7 @@ def main(argv=None) -> int:
                                             label=sw["best"]["router"] + " (tuned)"))
                 if tuned:
                     print(f"-- capacity search: {', '.join(s.name for s in tuned)}", flush=True)
-                    base = len(rows)
-
-                    def on_round(current, base=base, rows=rows):
-                        rows[base:] = current
-                        _write_partial(out, tag, results)
-                    rows[base:] = bench.capacities(tuned, by_seed, on_round)
-                    _write_partial(out, tag, results)
+                    search(tuned)
     except BaseException as e:  # noqa: BLE001 -- interrupted or crashed: keep what was measured
         if not isinstance(e, KeyboardInterrupt):
             import traceback

@@ -243,9 +243,10 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """PIDs in process group ``pgid`` that are still running (zombies excluded), from /proc."""
-    members = []
+def proc_stats():
+    """(pid, the fields of /proc/PID/stat after "pid (comm) ") of every live process: fields[0]
+    is the state, [2] the process group, [11] / [12] user / system clock ticks. Processes that
+    exit while being read are skipped."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -253,10 +254,12 @@ def live_group_members(pgid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+        yield int(entry.name), stat[stat.rindex(")") + 2:].split()
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs in process group ``pgid`` that are still running (zombies excluded), from /proc."""
+    return [pid for pid, fields in proc_stats() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def dp_ranks(args) -> int:
