@@ -215,3 +215,18 @@ def test_eval_helpers():
     base = bucket_baseline(np.array([1.0, 1.0, 100.0]), np.array([5.0, 7.0, 50.0]),
                            np.array([1.0, 100.0, 5000.0]), np.median)
     assert base.tolist() == [6.0, 50.0, 7.0]
+
+
+def test_length_model_tokenizer_trainer_is_general_and_deterministic():
+    """The trainer the length model's tokenizer comes from (``tiny_model.train_tokenizer``):
+    same texts → same tokenizer (the model file pins its fingerprint), bounded vocabulary,
+    and any text — unseen words, non-Latin script, control bytes — encodes and decodes back."""
+    from block_sgl.testing.tiny_model import SPECIAL_TOKENS
+
+    texts = ["hello world", "hello there, world!", "def f(x): return x + 1", "你好世界"] * 20
+    a, b = train_tokenizer(texts, 300), train_tokenizer(texts, 300)
+    assert a.to_str() == b.to_str() and tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    assert a.get_vocab_size() <= 300
+    assert all(a.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+    enc = a.encode("unseen ☃ text \x00")
+    assert a.decode(enc.ids) == "unseen ☃ text \x00"
