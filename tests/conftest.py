@@ -9,6 +9,10 @@ from block_sgl.testing.cluster import ClusterConfig, LocalCluster, free_port, po
 
 EMULATED_PROFILE = "h100-llama2-7b"
 TIME_SCALE = 4.0
+STRICT_HOOKS = (("BLOCK_SGL_STRICT", "1"),)
+"""Shared test-bed instances refuse to start when block_sgl's hooks cannot (e.g. the publish
+port was taken): the start fails with the log, instead of later tests timing out on a silent
+stream."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,6 +29,7 @@ def cluster(tmp_path_factory):
     publish = publish_endpoints(2)
     config = ClusterConfig(instances=2, emulate=EMULATED_PROFILE, time_scale=TIME_SCALE,
                            log_dir=str(tmp_path_factory.mktemp("cluster-logs")),
+                           env=STRICT_HOOKS,
                            per_instance_env=tuple((("BLOCK_SGL_PUBLISH", e),) for e in publish))
     with LocalCluster(config) as c:
         c.publish_endpoints = publish
@@ -40,3 +45,17 @@ def publish_endpoints(n):
                 abs(port - int(e.rsplit(":", 1)[1])) > 2 for e in out):
             out.append(f"tcp://127.0.0.1:{port}")
     return out
+
+
+def stream_report(sub) -> str:
+    """Per endpoint of a StreamSubscriber: what it has received (for failing tests' messages)."""
+    import time
+
+    now = time.monotonic()
+    lines = [f"subscriber errors: {sub.errors}"]
+    for endpoint, s in sub.states.items():
+        age = f"{now - s.last_message_at:.1f} s ago" if s.last_message_at else "never"
+        lines.append(f"{endpoint}: hello={s.hello is not None} snapshot={s.snapshot is not None} "
+                     f"last message {age}, next_seq={s.next_seq}, full_states={s.full_states}, "
+                     f"gaps_repaired={s.gaps_repaired}")
+    return "\n".join(lines)

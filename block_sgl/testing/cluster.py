@@ -209,6 +209,31 @@ class LocalCluster:
                                    f"{inst.log_tail()}")
             time.sleep(0.25)
 
+    # -- diagnosis -----------------------------------------------------------------------
+    def diagnose(self, lines: int = 12) -> str:
+        """What a failing test should print about the cluster: per instance, whether its server
+        still runs (or its exit code), the memory its process group holds, and the last lines
+        of its log (SGLang's one-line ``server_args=`` dump left out); the host's available
+        memory first."""
+        out = [f"host MemAvailable: {_mem_available_mb()} MB"]
+        for inst in self.instances:
+            proc = inst.process
+            if proc is None:
+                out.append(f"instance {inst.index} ({inst.url}): stopped")
+                continue
+            code = proc.poll()
+            members = live_group_members(proc.pid)
+            state = "running" if code is None else f"exited with code {code}"
+            out.append(f"instance {inst.index} ({inst.url}): server {state}, "
+                       f"{len(members)} live processes, {_group_rss_mb(members)} MB RSS; "
+                       f"log {inst.log_path}:")
+            try:
+                log = inst.log_path.read_text(errors="replace").splitlines()
+            except OSError:
+                log = ["(no log)"]
+            out += ["    " + line[:300] for line in log if "server_args=" not in line][-lines:]
+        return "\n".join(out)
+
     # -- stop ----------------------------------------------------------------------------
     def stop_instance(self, index: int, sig: int = signal.SIGTERM, grace_s: float = 15.0) -> None:
         """Kill one instance's whole process group (SIGTERM, then SIGKILL after ``grace_s``)."""
@@ -255,6 +280,27 @@ def proc_stats():
         except OSError:
             continue
         yield int(entry.name), stat[stat.rindex(")") + 2:].split()
+
+
+def _mem_available_mb() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def _group_rss_mb(pids: list[int]) -> int:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        try:
+            total += int(open(f"/proc/{pid}/statm").read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue  # exited while being read
+    return total >> 20
 
 
 def live_group_members(pgid: int) -> list[int]:

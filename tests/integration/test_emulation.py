@@ -18,7 +18,7 @@ import numpy as np
 from block_sgl.predictor.gpu_profiles import GpuStepProfile, StepShape
 from block_sgl.router.ingest import StreamSubscriber
 
-from ..conftest import EMULATED_PROFILE, TIME_SCALE
+from ..conftest import EMULATED_PROFILE, TIME_SCALE, stream_report
 
 
 def generate(url, ids, new_tokens):
@@ -39,7 +39,8 @@ def test_step_durations_match_the_profile(cluster):
     sub = StreamSubscriber([endpoint])
     sub.start()
     try:
-        assert sub.wait_until(lambda s: not s.stale(), 30)
+        assert sub.wait_until(lambda s: not s.stale(), 30), \
+            f"{stream_report(sub)}\n{cluster.diagnose()}"
         state = sub.states[endpoint]
         for k in range(2):
             generate(url, prompt(64, 1000 + k), 4)  # warm-up

@@ -14,7 +14,7 @@ from block_sgl.router.ingest import StreamSubscriber
 from block_sgl.router.prefix_index import PrefixIndex
 from block_sgl.testing.cluster import ClusterConfig, ClusterError, LocalCluster
 
-from ..conftest import publish_endpoints
+from ..conftest import publish_endpoints, stream_report
 
 
 def post(url, body, timeout=120):
@@ -34,7 +34,8 @@ def stream(cluster):
     index = PrefixIndex()
     sub = StreamSubscriber(cluster.publish_endpoints, stale_after_s=3.0, on_cache_event=index.apply)
     sub.start()
-    assert sub.wait_until(lambda s: s.stale() == [], 30), sub.errors
+    assert sub.wait_until(lambda s: s.stale() == [], 30), \
+        f"{stream_report(sub)}\n{cluster.diagnose()}"
     yield sub, index
     sub.stop()
 

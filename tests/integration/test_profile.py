@@ -20,7 +20,7 @@ def test_profile_command_writes_a_loadable_model(cluster, tmp_path):
          "--publish", cluster.publish_endpoints[1], "--out", str(out), "--repeats", "1",
          "--max-decode-batch", "8", "--max-prefill", "2048"],
         capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:] + "\n" + cluster.diagnose()
     doc = json.loads(out.read_text())
     model = perf_model.load_step_model(out)
     assert doc["source"]["method"] == "stream" and doc["source"]["records"] > 50

@@ -20,7 +20,7 @@ import pytest
 from block_sgl.router.tokenize import PromptTokenizer
 from block_sgl.testing.cluster import ClusterConfig, LocalCluster, free_port
 
-from ..conftest import EMULATED_PROFILE, TIME_SCALE, publish_endpoints
+from ..conftest import EMULATED_PROFILE, STRICT_HOOKS, TIME_SCALE, publish_endpoints
 
 JSON = {"content-type": "application/json"}
 
@@ -30,7 +30,7 @@ def third(tmp_path_factory):
     endpoint = publish_endpoints(1)[0]
     config = ClusterConfig(instances=1, emulate=EMULATED_PROFILE, time_scale=TIME_SCALE,
                            log_dir=str(tmp_path_factory.mktemp("third")),
-                           env=(("BLOCK_SGL_PUBLISH", endpoint),))
+                           env=(("BLOCK_SGL_PUBLISH", endpoint),) + STRICT_HOOKS)
     with LocalCluster(config) as c:
         yield c
 
@@ -206,7 +206,7 @@ def test_cache_aware_policies_send_a_repeated_prefix_to_its_holder(policy, start
         assert meta["cached_tokens"] >= meta["prompt_tokens"] - 32
 
 
-def test_block_avoids_an_instance_made_busy(block_router, instances):
+def test_block_avoids_an_instance_made_busy(block_router, instances, cluster):
     busy = instances[0]
     flood = cf.ThreadPoolExecutor(8)
     futures = [flood.submit(call, f"{busy}/generate", gen_body(_long_prompt(900 + k, 300), 160))
@@ -217,7 +217,7 @@ def test_block_avoids_an_instance_made_busy(block_router, instances):
             view = json.loads(call(f"{block_router.url}/block/instances")[2])["instances"]
             if (view[0]["running"] or 0) + (view[0]["waiting"] or 0) >= 6:
                 break
-            assert time.monotonic() < deadline, view
+            assert time.monotonic() < deadline, f"{view}\n{cluster.diagnose()}"
             time.sleep(0.05)
         for k in range(4):
             status, headers, _ = call(f"{block_router.url}/generate", gen_body(f"quick {k}", 2))
