@@ -123,6 +123,8 @@ cdef struct Sim:
     i64 nadm
     RKey *order
     bint needs_sort
+    const double *fut_t   # arrival times of the future requests, ids cand + 1 + i
+    i64 fi, nf            # the next future request to arrive; how many there are
     double ttft, e2e, queue_s
     bint done
 
@@ -721,12 +723,42 @@ cdef i64 _decode_jump_len(Sim *s, bint first) noexcept nogil:
     return a if a < b else b
 
 
+# ------------------------------------------------------------------------------ future arrivals
+cdef void _arrive(Sim *s) noexcept nogil:
+    while s.fi < s.nf and s.fut_t[s.fi] <= s.t:
+        _queue_append(s, s.cand + 1 + s.fi)
+        s.fi += 1
+        s.needs_sort = True
+
+
+cdef i64 _jump_until_arrival(Sim *s, i64 k) noexcept nogil:
+    cdef i64 ctx, lo, hi, mid
+    cdef double arrival
+    if s.fi >= s.nf:
+        return k
+    arrival = s.fut_t[s.fi]
+    ctx = s.ctx_base + s.bs * s.D
+    if s.t + _decode_run_time(s, k, s.bs, ctx) < arrival:
+        return k
+    lo = 1
+    hi = k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if s.t + _decode_run_time(s, mid, s.bs, ctx) >= arrival:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 cdef void _run(Sim *s) noexcept nogil:
     cdef bint first = True
     cdef i64 k
     while not s.done:
+        _arrive(s)
         k = _decode_jump_len(s, first)
         if k >= 1:
+            k = _jump_until_arrival(s, k)
             s.ndecay += k
             _run_decode(s, k, first)
         else:
@@ -740,6 +772,9 @@ cdef void _run(Sim *s) noexcept nogil:
                     s.ndecay += 1
                 if s.bs > 0 and not s.done:
                     _run_decode(s, 1, first)
+            elif s.fi < s.nf and not (first and s.elapsed > 0.0):
+                if s.fut_t[s.fi] > s.t:   # idle until it arrives
+                    s.t = s.fut_t[s.fi]
             elif not (first and s.elapsed > 0.0):
                 break   # nothing can ever run: the candidate waits forever
             # else: no step was in flight at the snapshot after all; start afresh
@@ -755,7 +790,9 @@ cdef struct Inputs:
     const double *fscal
     const double *coeffs
     const i64 *cand
-    i64 n_run, n_wait, n_pend
+    const i64 *fut
+    const double *fut_t
+    i64 n_run, n_wait, n_pend, n_fut
 
 
 cdef int _array(cnp.ndarray a, str name, int type_num, int ndim, Py_ssize_t rows,
@@ -787,9 +824,21 @@ cdef bint _table_ok(const i64 *t, i64 n) noexcept nogil:
     return True
 
 
+cdef bint _future_ok(Inputs *a) noexcept nogil:
+    """The future requests: valid rows, no output yet, finite non-decreasing times >= 0."""
+    cdef i64 i
+    cdef double previous = 0.0, t
+    for i in range(a.n_fut):
+        t = a.fut_t[i]
+        if not (t >= previous and t < INFINITY) or a.fut[R_OUTPUT * a.n_fut + i] != 0:
+            return False
+        previous = t
+    return _table_ok(a.fut, a.n_fut)
+
+
 cdef bint _tables_ok(Inputs *a) noexcept nogil:
     return (_table_ok(a.run, a.n_run) and _table_ok(a.wait, a.n_wait)
-            and _table_ok(a.pend, a.n_pend))
+            and _table_ok(a.pend, a.n_pend) and _future_ok(a))
 
 
 cdef bint _inputs_ok(Inputs *a) noexcept nogil:
@@ -841,8 +890,10 @@ cdef int _raise_invalid(args) except -1:
     raise ValueError("invalid fastsim input")  # unreachable while both checks agree
 
 
-cdef bint _load_table(Sim *s, const i64 *t, i64 n, i64 base, bint running) noexcept nogil:
-    """Validate (as ``_table_ok``) and load one table; running requests join the batch."""
+cdef bint _load_table(Sim *s, const i64 *t, i64 n, i64 base, bint running,
+                      bint enqueue=True) noexcept nogil:
+    """Validate (as ``_table_ok``) and load one table; running requests join the batch, the
+    others the waiting queue (unless ``enqueue`` is false: the future requests)."""
     cdef i64 i, rid, inp, pre, out, mx, ieos, pred, m, bad = 0
     cdef i64 *s_inp = s.inp + base
     cdef i64 *s_pre = s.pre + base
@@ -892,7 +943,7 @@ cdef bint _load_table(Sim *s, const i64 *t, i64 n, i64 base, bint running) noexc
             s.running[i] = 1
             s.seq[i] = i
             s.d0[i] = 0
-    else:
+    elif enqueue:
         for i in range(base, base + n):
             if i != s.chunk:
                 s.q[s.qt] = i
@@ -904,7 +955,7 @@ cdef bint _init(Sim *s, Inputs *a, i64 *buf, bint step_by_step) noexcept nogil:
     """Load the inputs into ``s`` (scratch in ``buf``); False if a request table is invalid."""
     cdef const i64 *iscal = a.iscal
     cdef const i64 *cand = a.cand
-    cdef i64 n_run = a.n_run, n = a.n_run + a.n_wait + a.n_pend + 1, c, pred
+    cdef i64 n_run = a.n_run, n = a.n_run + a.n_wait + a.n_pend + 1 + a.n_fut, c, pred
     _layout(s, buf, n)
     s.c0 = a.coeffs[0]
     s.c1 = a.coeffs[1]
@@ -941,7 +992,10 @@ cdef bint _init(Sim *s, Inputs *a, i64 *buf, bint step_by_step) noexcept nogil:
     s.next_seq = n_run
     s.nadm = 0
     s.n = n
-    s.cand = n - 1
+    s.cand = n - 1 - a.n_fut
+    s.fut_t = a.fut_t
+    s.fi = 0
+    s.nf = a.n_fut
     s.n_snapshot = n_run + a.n_wait
     s.chunk = n_run + iscal[I_CHUNKED_IDX] if iscal[I_CHUNKED_IDX] >= 0 else -1
     s.chunk_done = iscal[I_CHUNKED_DONE]
@@ -952,7 +1006,8 @@ cdef bint _init(Sim *s, Inputs *a, i64 *buf, bint step_by_step) noexcept nogil:
     memset(s.taken, 0, n * sizeof(i64))
     if not (_load_table(s, a.run, n_run, 0, True)
             and _load_table(s, a.wait, a.n_wait, n_run, False)
-            and _load_table(s, a.pend, a.n_pend, n_run + a.n_wait, False)):
+            and _load_table(s, a.pend, a.n_pend, n_run + a.n_wait, False)
+            and _load_table(s, a.fut, a.n_fut, s.cand + 1, False, False)):
         return False
     _radix_sort(s.srt, s.tmp, n_run)
     c = s.cand
@@ -975,8 +1030,17 @@ cdef bint _init(Sim *s, Inputs *a, i64 *buf, bint step_by_step) noexcept nogil:
 
 cdef int _inputs(Inputs *a, cnp.ndarray running, cnp.ndarray waiting, cnp.ndarray pending,
                  cnp.ndarray iscal, cnp.ndarray fscal, cnp.ndarray coeffs,
-                 cnp.ndarray cand) except -1:
+                 cnp.ndarray cand, object future=None, object future_t=None) except -1:
     cdef i64 n
+    if (future is None) != (future_t is None):
+        raise ValueError("give both future and future_t, or neither")
+    if future is None:
+        a.fut = NULL
+        a.fut_t = NULL
+        a.n_fut = 0
+    else:
+        _array(future, "future", cnp.NPY_INT64, 2, N_FIELDS, <const void**> &a.fut, &a.n_fut)
+        _array(future_t, "future_t", cnp.NPY_FLOAT64, 1, a.n_fut, <const void**> &a.fut_t, &n)
     _array(running, "running", cnp.NPY_INT64, 2, N_FIELDS, <const void**> &a.run, &a.n_run)
     _array(waiting, "waiting", cnp.NPY_INT64, 2, N_FIELDS, <const void**> &a.wait, &a.n_wait)
     _array(pending, "pending", cnp.NPY_INT64, 2, N_FIELDS, <const void**> &a.pend, &a.n_pend)
@@ -985,29 +1049,31 @@ cdef int _inputs(Inputs *a, cnp.ndarray running, cnp.ndarray waiting, cnp.ndarra
     _array(coeffs, "step model coefficients", cnp.NPY_FLOAT64, 1, N_COEFFS,
            <const void**> &a.coeffs, &n)
     _array(cand, "candidate", cnp.NPY_INT64, 1, N_CAND, <const void**> &a.cand, &n)
-    if not _inputs_ok(a):
-        _raise_invalid((running, waiting, pending, iscal, fscal, coeffs, cand))
+    if not _inputs_ok(a) or (a.n_fut and not _future_ok(a)):
+        _raise_invalid((running, waiting, pending, iscal, fscal, coeffs, cand,
+                        None if future is None else (future, future_t)))
     return 0
 
 
 def simulate(cnp.ndarray running not None, cnp.ndarray waiting not None,
              cnp.ndarray pending not None, cnp.ndarray iscal not None,
              cnp.ndarray fscal not None, cnp.ndarray coeffs not None, cnp.ndarray cand not None,
-             Workspace workspace=None, bint step_by_step=False):
+             Workspace workspace=None, bint step_by_step=False, future=None, future_t=None):
     """Predict ``(ttft_s, e2e_s, queue_s)`` of ``cand`` on one instance (``inf``: never).
 
     Arrays as documented in ``block_sgl/_fastsim_py.py``: ``running``/``waiting``/``pending``
     int64 ``(6, n)`` C-contiguous, ``iscal`` int64 ``(13,)``, ``fscal`` float64 ``(5,)``,
-    ``coeffs`` float64 ``(5,)`` (``StepModel.as_array()``), ``cand`` int64 ``(5,)``.
-    ``workspace``: a reusable ``Workspace`` (saves an allocation per call).
+    ``coeffs`` float64 ``(5,)`` (``StepModel.as_array()``), ``cand`` int64 ``(5,)``;
+    optionally ``future`` int64 ``(6, m)`` with ``future_t`` float64 ``(m,)`` (expected
+    arrivals). ``workspace``: a reusable ``Workspace`` (saves an allocation per call).
     """
     cdef Sim s
     cdef Inputs a
     cdef i64 n
     cdef i64 *buf
     cdef bint own = workspace is None, ok
-    _inputs(&a, running, waiting, pending, iscal, fscal, coeffs, cand)
-    n = a.n_run + a.n_wait + a.n_pend + 1
+    _inputs(&a, running, waiting, pending, iscal, fscal, coeffs, cand, future, future_t)
+    n = a.n_run + a.n_wait + a.n_pend + 1 + a.n_fut
     if own:
         buf = <i64*> malloc(SLOTS * n * sizeof(i64))
         if buf == NULL:
@@ -1021,15 +1087,17 @@ def simulate(cnp.ndarray running not None, cnp.ndarray waiting not None,
         if own:
             free(buf)
     if not ok:
-        _raise_invalid((running, waiting, pending, iscal, fscal, coeffs, cand))
+        _raise_invalid((running, waiting, pending, iscal, fscal, coeffs, cand,
+                        None if future is None else (future, future_t)))
     return (s.ttft, s.e2e, s.queue_s)
 
 
 def simulate_many(list states, list cands, list coeffs, double[:, ::1] out not None,
                   Workspace workspace=None):
     """``simulate`` over K instances; ``states[i]`` = ``(running, waiting, pending, iscal,
-    fscal)``, ``cands[i]`` / ``coeffs[i]`` its candidate and step model; fills ``out[i] =
-    (ttft_s, e2e_s, queue_s)``. All inputs are validated before any simulation runs."""
+    fscal)``, optionally followed by ``future, future_t``; ``cands[i]`` / ``coeffs[i]`` its
+    candidate and step model; fills ``out[i] = (ttft_s, e2e_s, queue_s)``. All inputs are
+    validated before any simulation runs."""
     cdef Py_ssize_t k = len(states), i
     cdef Sim s
     cdef Inputs *a
@@ -1047,10 +1115,17 @@ def simulate_many(list states, list cands, list coeffs, double[:, ::1] out not N
     try:
         for i in range(k):
             st = states[i]
-            _inputs(&a[i], st[0], st[1], st[2], st[3], st[4], coeffs[i], cands[i])
+            if len(st) == 5:
+                _inputs(&a[i], st[0], st[1], st[2], st[3], st[4], coeffs[i], cands[i])
+            elif len(st) == 7:
+                _inputs(&a[i], st[0], st[1], st[2], st[3], st[4], coeffs[i], cands[i], st[5],
+                        st[6])
+            else:
+                raise ValueError(f"states[{i}] must have 5 or 7 arrays, got {len(st)}")
             if not _tables_ok(&a[i]):
-                _raise_invalid((st[0], st[1], st[2], st[3], st[4], coeffs[i], cands[i]))
-            n = a[i].n_run + a[i].n_wait + a[i].n_pend + 1
+                _raise_invalid((st[0], st[1], st[2], st[3], st[4], coeffs[i], cands[i],
+                                (st[5], st[6]) if len(st) == 7 else None))
+            n = a[i].n_run + a[i].n_wait + a[i].n_pend + 1 + a[i].n_fut
             if n > n_max:
                 n_max = n
         buf = workspace.ensure(SLOTS * n_max)

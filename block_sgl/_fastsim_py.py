@@ -42,6 +42,15 @@ Data layout (int64 everywhere; shared with the compiled kernel):
 * ``running``, ``waiting``, ``pending``: arrays of shape ``(6, n)``, rows ``FIELDS``.
   ``pending`` = requests dispatched to the instance but not yet in its snapshot: appended to the
   waiting queue after ``waiting``, in order, and then the candidate.
+* ``future`` (optional): requests EXPECTED to arrive after the candidate, ``(6, m)`` like the
+  others, with ``future_t`` float64 ``(m,)``: their arrival times in seconds from the snapshot,
+  non-decreasing. A future request joins the end of the waiting queue at the first scheduling
+  round that starts at or after its arrival time (SGLang receives requests at the top of each
+  event-loop iteration: ``Scheduler.event_loop_normal`` -> ``recv_requests``); a closed-form
+  decode jump stops at the step during which the next one arrives. They cannot change the
+  candidate's place in an FCFS queue, but their prefill steps and their share of the decode
+  batch lengthen its E2E — what a prediction made at arrival otherwise misses under load
+  (``benchmarks/accuracy``).
 * ``iscal``: int64 ``(N_ISCAL,)``, indices ``I_*``; ``fscal``: float64 ``(N_FSCAL,)``, ``F_*``;
   ``coeffs``: the 5 ``StepModel`` coefficients; ``cand``: int64 ``(N_CAND,)``, ``C_*``.
 """
@@ -118,11 +127,29 @@ def _check_table(name, table, n_first):
     return n
 
 
-def validate(running, waiting, pending, iscal, fscal, coeffs, cand):
+def _check_future(table, times):
+    n = _check_table("future", table, 0)
+    if len(times) != n:
+        raise ValueError(f"future_t has {len(times)} entries, future has {n} requests")
+    previous = 0.0
+    for i in range(n):
+        t = times[i]
+        if not (t >= previous and t < INF):  # also rejects NaN
+            raise ValueError(f"future_t[{i}] must be finite, >= 0 and >= the previous time, "
+                             f"got {t}")
+        if table[R_OUTPUT][i] != 0:
+            raise ValueError(f"future.output_len[{i}] must be 0 (not yet arrived), "
+                             f"got {table[R_OUTPUT][i]}")
+        previous = t
+
+
+def validate(running, waiting, pending, iscal, fscal, coeffs, cand, future=None):
     """Raise ValueError naming the first bad field; the compiled kernel raises the same."""
     _check_table("running", running, 0)
     n_wait = _check_table("waiting", waiting, 0)
     _check_table("pending", pending, 0)
+    if future is not None:
+        _check_future(*future)
     if len(iscal) != N_ISCAL:
         raise ValueError(f"iscal must have {N_ISCAL} entries {ISCAL_NAMES}, got {len(iscal)}")
     if len(fscal) != N_FSCAL:
@@ -237,7 +264,8 @@ class _Req:
 
 
 class _Sim:
-    def __init__(self, running, waiting, pending, iscal, fscal, coeffs, cand, step_by_step):
+    def __init__(self, running, waiting, pending, iscal, fscal, coeffs, cand, step_by_step,
+                 future=None):
         self.c = [float(x) for x in coeffs]
         self.page = iscal[I_PAGE]
         self.max_running = iscal[I_MAX_RUNNING]
@@ -274,6 +302,15 @@ class _Sim:
         self.cand = len(self.reqs)
         self.reqs.append(_Req(cand[C_INPUT], cand[C_PREFIX], 0, cand[C_MAX_NEW],
                               cand[C_IGNORE_EOS], cand[C_PRED]))
+        self.future = []  # (arrival time, id), in arrival order; self.fi: the next to arrive
+        if future is not None:
+            table, times = future
+            for i in range(len(table[0])):
+                self.future.append((times[i], len(self.reqs)))
+                self.reqs.append(_Req(table[R_INPUT][i], table[R_PREFIX][i], 0,
+                                      table[R_MAX_NEW][i], table[R_IGNORE_EOS][i],
+                                      table[R_PRED][i]))
+        self.fi = 0
         n_run, n_wait = len(running[0]), len(waiting[0])
         self.n_snapshot = n_run + n_wait  # ids below this were in the snapshot
         for rid in range(n_run, len(self.reqs)):
@@ -284,7 +321,7 @@ class _Sim:
         ci = iscal[I_CHUNKED_IDX]
         self.chunk = n_run + ci if ci >= 0 else -1
         self.chunk_done = iscal[I_CHUNKED_DONE]
-        self.queue = [rid for rid in range(n_run, len(self.reqs)) if rid != self.chunk]
+        self.queue = [rid for rid in range(n_run, self.cand + 1) if rid != self.chunk]
         self.needs_sort = True
 
         self.ttft = self.e2e = self.queue_s = INF
@@ -529,11 +566,40 @@ class _Sim:
             return 0
         return min(self.heap[0][0] - self.D, self.pool // self.bs)
 
+    # -- future arrivals -----------------------------------------------------------------
+    def arrive(self):
+        """Queue every future request that has arrived by now (end of the queue, in order)."""
+        while self.fi < len(self.future) and self.future[self.fi][0] <= self.t:
+            self.queue.append(self.future[self.fi][1])
+            self.fi += 1
+            self.needs_sort = True
+
+    def jump_until_arrival(self, k):
+        """The decode jump ``k`` cut at the step during which the next future request arrives
+        (the smallest ``j`` whose end time reaches it), by bisection on the closed form."""
+        if self.fi >= len(self.future):
+            return k
+        arrival = self.future[self.fi][0]
+        ctx = self.ctx_base + self.bs * self.D
+        if self.t + decode_run_time(self.c, k, self.bs, ctx) < arrival:
+            return k
+        lo, hi = 1, k  # the answer lies in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.t + decode_run_time(self.c, mid, self.bs, ctx) >= arrival:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     # -- the loop --------------------------------------------------------------------------
     def run(self):
         first = True
         while not self.done:
+            self.arrive()
             k = self.decode_jump_len(first)
+            if k >= 1:
+                k = self.jump_until_arrival(k)
             if k >= 1:
                 self.ndecay += k
                 self.run_decode(k, first)
@@ -548,6 +614,8 @@ class _Sim:
                         self.ndecay += 1
                     if self.bs > 0 and not self.done:
                         self.run_decode(1, first)
+                elif self.fi < len(self.future) and not (first and self.elapsed > 0.0):
+                    self.t = max(self.t, self.future[self.fi][0])  # idle until it arrives
                 elif not (first and self.elapsed > 0.0):
                     break  # nothing can ever run: the candidate waits forever
                 # else: no step was in flight at the snapshot after all; start afresh
@@ -556,29 +624,44 @@ class _Sim:
 
 
 def simulate(running, waiting, pending, iscal, fscal, coeffs, cand, workspace=None,
-             step_by_step=False):
+             step_by_step=False, future=None, future_t=None):
     """Predict ``(ttft_s, e2e_s, queue_s)`` of ``cand``; ``inf`` where it never happens.
 
     Same contract as ``block_sgl._fastsim.simulate``; ``workspace`` is ignored here. With
     ``step_by_step`` every decode step is simulated one at a time (the reference the closed-form
-    jumps are tested against).
+    jumps are tested against). ``future`` / ``future_t``: expected arrivals (both or neither).
     """
-    validate(running, waiting, pending, iscal, fscal, coeffs, cand)
+    fut = _future_arg(future, future_t)
+    validate(running, waiting, pending, iscal, fscal, coeffs, cand, fut)
     conv = [[[int(x) for x in row] for row in t] for t in (running, waiting, pending)]
+    if fut is not None:
+        fut = ([[int(x) for x in row] for row in fut[0]], [float(x) for x in fut[1]])
     sim = _Sim(conv[0], conv[1], conv[2], [int(x) for x in iscal],
-               [float(x) for x in fscal], coeffs, [int(x) for x in cand], step_by_step)
+               [float(x) for x in fscal], coeffs, [int(x) for x in cand], step_by_step, fut)
     return sim.run()
+
+
+def _future_arg(future, future_t):
+    if (future is None) != (future_t is None):
+        raise ValueError("give both future and future_t, or neither")
+    return None if future is None else (future, future_t)
 
 
 def simulate_many(states, cands, coeffs, out, workspace=None):
     """``simulate`` over K instances (``states[i]`` = ``(running, waiting, pending, iscal,
-    fscal)``); fills ``out[i] = (ttft_s, e2e_s, queue_s)`` after validating every input."""
+    fscal)``, optionally followed by ``future, future_t``); fills ``out[i] = (ttft_s, e2e_s,
+    queue_s)`` after validating every input."""
     k = len(states)
     if len(cands) != k or len(coeffs) != k or tuple(out.shape) != (k, 3):
         raise ValueError(f"got {k} states, {len(cands)} candidates, {len(coeffs)} step models "
                          f"and out of shape {tuple(out.shape)[:2]}: need K each and (K, 3)")
     for i in range(k):
-        validate(*states[i], coeffs[i], cands[i])
+        st = states[i]
+        if len(st) not in (5, 7):
+            raise ValueError(f"states[{i}] must have 5 or 7 arrays, got {len(st)}")
+        validate(*st[:5], coeffs[i], cands[i], _future_arg(*st[5:]) if len(st) == 7 else None)
     for i in range(k):
-        out[i] = simulate(*states[i], coeffs[i], cands[i])
+        st = states[i]
+        out[i] = simulate(*st[:5], coeffs[i], cands[i], future=st[5] if len(st) == 7 else None,
+                          future_t=st[6] if len(st) == 7 else None)
     return out

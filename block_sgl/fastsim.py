@@ -170,10 +170,15 @@ class InstanceState:
     batch_is_full: bool = False
     pending: RequestTable = dataclasses.field(default_factory=RequestTable.empty)
     elapsed_s: float = 0.0
+    future: RequestTable | None = None
+    """Requests expected to arrive after the candidate (``expected_arrivals``), with
+    ``future_times`` (seconds from the snapshot, non-decreasing); None: no arrivals assumed."""
+    future_times: np.ndarray | None = None
     iscal: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
     fscal: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
     arrays: tuple = dataclasses.field(init=False, repr=False, compare=False)
-    """``(running, waiting, pending, iscal, fscal)`` as the kernel takes them."""
+    """``(running, waiting, pending, iscal, fscal)`` as the kernel takes them, followed by
+    ``(future, future_times)`` when arrivals are expected."""
 
     def __post_init__(self):
         c = self.config
@@ -187,18 +192,29 @@ class InstanceState:
         fscal = np.array([ratio, init, low, decay, self.elapsed_s], dtype=np.float64)
         object.__setattr__(self, "iscal", iscal)
         object.__setattr__(self, "fscal", fscal)
-        object.__setattr__(self, "arrays", (self.running.packed, self.waiting.packed,
-                                            self.pending.packed, iscal, fscal))
+        if (self.future is None) != (self.future_times is None):
+            raise ValueError("give both future and future_times, or neither")
+        arrays = (self.running.packed, self.waiting.packed, self.pending.packed, iscal, fscal)
+        if self.future is not None:
+            times = np.ascontiguousarray(self.future_times, dtype=np.float64).reshape(-1)
+            object.__setattr__(self, "future_times", times)
+            arrays += (self.future.packed, times)
+        object.__setattr__(self, "arrays", arrays)
 
     def with_pending(self, pending: RequestTable) -> "InstanceState":
         """A copy whose pending requests (dispatched, not yet in the snapshot) are ``pending``."""
         return dataclasses.replace(self, pending=pending)
 
+    def with_future(self, future: RequestTable | None,
+                    times: np.ndarray | None) -> "InstanceState":
+        """A copy that expects ``future`` requests at ``times`` (see ``expected_arrivals``)."""
+        return dataclasses.replace(self, future=future, future_times=times)
+
     def arrays_with_pending(self, pending_packed: np.ndarray) -> tuple:
         """``with_pending(...).arrays`` without building the copy (the router's hot path):
         ``pending_packed`` is a ``packed_rows`` result."""
-        running, waiting, _, iscal, fscal = self.arrays
-        return running, waiting, pending_packed, iscal, fscal
+        a = self.arrays
+        return (a[0], a[1], pending_packed) + a[3:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +244,27 @@ class Prediction(NamedTuple):
     """Until its first prefill step starts."""
 
 
+def expected_arrivals(rate_per_s: float, horizon_s: float, *, input_len: int, prefix_len: int,
+                      pred_output_len: int, max_new_tokens: int, ignore_eos: bool = False,
+                      max_requests: int = 256) -> tuple[RequestTable, np.ndarray]:
+    """The requests an instance can expect after the candidate: one of the typical shape every
+    ``1 / rate_per_s`` seconds (the first one interval after the snapshot) up to ``horizon_s``,
+    at most ``max_requests``. Evenly spaced at the mean rate: bursts are not foreseen, only how
+    much work arrives while the candidate runs. For ``InstanceState.with_future``."""
+    for name, v in (("rate_per_s", rate_per_s), ("horizon_s", horizon_s)):
+        if not (v >= 0.0 and np.isfinite(v)):
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    if max_requests < 0:
+        raise ValueError(f"max_requests must be >= 0, got {max_requests}")
+    if not 0 <= prefix_len <= input_len or input_len < 1:
+        raise ValueError(f"need 0 <= prefix_len <= input_len and input_len >= 1, got "
+                         f"prefix_len {prefix_len}, input_len {input_len}")
+    n = 0 if rate_per_s == 0.0 else min(int(horizon_s * rate_per_s), max_requests)
+    times = np.arange(1, n + 1, dtype=np.float64) / rate_per_s if n else np.zeros(0)
+    row = (input_len, prefix_len, 0, max_new_tokens, int(bool(ignore_eos)), pred_output_len)
+    return RequestTable.from_rows([row] * n), times
+
+
 def _coeffs(step_model) -> np.ndarray:
     if isinstance(step_model, StepModel):
         return step_model.as_array()
@@ -243,8 +280,9 @@ def predict(state: InstanceState, candidate: Candidate, step_model, *, workspace
             step_by_step: bool = False) -> Prediction:
     """Predict the candidate's TTFT, E2E and queueing delay on ``state`` (seconds; inf if the
     instance could never serve it). ``step_model``: a ``StepModel`` or its 5 coefficients."""
-    return Prediction(*_kernel.simulate(*state.arrays, _coeffs(step_model), candidate.packed,
-                                        workspace, step_by_step))
+    a = state.arrays  # 5 arrays, or 7 with expected arrivals (future, future_times)
+    return Prediction(*_kernel.simulate(*a[:5], _coeffs(step_model), candidate.packed,
+                                        workspace, step_by_step, *a[5:]))
 
 
 def predict_packed(state_arrays: list, candidates: np.ndarray, coeffs: list, out: np.ndarray,

@@ -148,3 +148,89 @@ def test_simulate_many_equals_simulate():
         impl.simulate_many(states, cands, coeffs, out)
         for i in range(6):
             assert tuple(out[i]) == compiled.simulate(*states[i], coeffs[i], cands[i])
+
+
+@st.composite
+def with_future(draw):
+    """A scenario plus expected future arrivals (fresh requests at non-decreasing times)."""
+    args = draw(scenarios())
+    clip = int(args[3][twin.I_CLIP])
+    m = draw(st.integers(0, 12))
+    table = draw(requests(m, False, clip))
+    table[twin.R_OUTPUT] = 0
+    table[twin.R_PREFIX] = np.minimum(table[twin.R_PREFIX], table[twin.R_INPUT])
+    gaps = draw(st.lists(st.floats(0.0, 2.0), min_size=m, max_size=m))
+    return args, table, np.cumsum(np.array(gaps, dtype=np.float64)).reshape(m)
+
+
+@SETTINGS
+@given(with_future())
+def test_future_arrivals_compiled_equals_twin(scenario):
+    args, future, times = scenario
+    got = compiled.simulate(*args, future=future, future_t=times)
+    want = twin.simulate(*args, future=future, future_t=times)
+    assert all(_close(g, w) for g, w in zip(got, want)), (got, want)
+    step = compiled.simulate(*args, None, True, future=future, future_t=times)
+    assert all(_close(a, b) for a, b in zip(got, step)), (got, step)
+
+
+@SETTINGS
+@given(with_future())
+def test_future_arrivals_never_shorten_e2e_or_move_the_fcfs_queue(scenario):
+    """Expected arrivals queue behind the candidate (FCFS): they can delay its first prefill
+    (sharing a step with its last chunk) and lengthen its E2E, never shorten either. With
+    ample KV: under KV pressure a newcomer may be retracted in the candidate's place."""
+    args, future, times = scenario
+    assume(args[3][twin.I_POLICY] == twin.POLICY_FCFS)
+    iscal = args[3].copy()
+    iscal[twin.I_MAX_TOTAL] = 10**9
+    iscal[twin.I_FREE] = 10**9 - iscal[twin.I_EVICTABLE]
+    args = args[:3] + (iscal,) + args[4:]
+    alone = compiled.simulate(*args)
+    loaded = compiled.simulate(*args, future=future, future_t=times)
+    assert loaded[2] >= alone[2] - 1e-9 * max(1.0, alone[2]) or math.isinf(alone[2])
+    assert loaded[1] >= alone[1] - 1e-9 * max(1.0, alone[1]) or math.isinf(alone[1])
+
+
+def test_future_arrivals_lengthen_a_decoding_candidate_by_their_prefill_steps():
+    """Hand-checked: an idle instance, the candidate decodes 100 tokens; one request expected
+    at 0.5 s adds exactly one prefill step (of its 1000 tokens) to the candidate's E2E, plus
+    its share of the decode steps after it joins."""
+    empty = np.zeros((6, 0), dtype=np.int64)
+    iscal = np.array([1, 100_000, 100_000, 0, 32, 8192, 16384, 0, -1, 0, 0, 4096, 20])
+    fscal = np.array([0.7, 0.7, 0.098, 0.001, 0.0])
+    coeffs = np.array([0.02, 0.0, 1e9, 0.0, 0.0])  # 20 ms a step, whatever its shape
+    cand = np.array([100, 0, 100, 100, 1], dtype=np.int64)
+    future = np.array([[1000], [0], [0], [50], [1], [50]], dtype=np.int64)
+    for impl in (compiled, twin):
+        alone = impl.simulate(empty, empty, empty, iscal, fscal, coeffs, cand)
+        later = impl.simulate(empty, empty, empty, iscal, fscal, coeffs, cand,
+                              future=future, future_t=np.array([0.5]))
+        assert alone[0] == pytest.approx(0.02) and alone[1] == pytest.approx(0.02 * 100)
+        assert later[0] == alone[0]
+        assert later[1] == pytest.approx(alone[1] + 0.02)  # one extra (prefill) step
+        never = impl.simulate(empty, empty, empty, iscal, fscal, coeffs, cand,
+                              future=future, future_t=np.array([10.0]))
+        assert never == alone  # arrives after the candidate finished
+
+
+@pytest.mark.parametrize("impl", [compiled, twin], ids=["compiled", "twin"])
+def test_future_arrivals_bad_input(impl):
+    empty = np.zeros((6, 0), dtype=np.int64)
+    iscal = np.array([1, 100_000, 100_000, 0, 32, 8192, 16384, 0, -1, 0, 0, 4096, 20])
+    fscal = np.array([0.7, 0.7, 0.098, 0.001, 0.0])
+    coeffs = np.array([0.02, 0.0, 1e9, 0.0, 0.0])
+    cand = np.array([100, 0, 100, 100, 1], dtype=np.int64)
+    base = (empty, empty, empty, iscal, fscal, coeffs, cand)
+    future = np.array([[1000, 10], [0, 0], [0, 0], [50, 5], [1, 1], [50, 5]], dtype=np.int64)
+    with pytest.raises(ValueError, match="future_t\\[1\\] must be finite, >= 0 and >= the "
+                                         "previous time"):
+        impl.simulate(*base, future=future, future_t=np.array([0.5, 0.2]))
+    with pytest.raises(ValueError, match="future_t\\[0\\]"):
+        impl.simulate(*base, future=future, future_t=np.array([np.nan, 1.0]))
+    bad = future.copy()
+    bad[twin.R_OUTPUT, 1] = 2
+    with pytest.raises(ValueError, match="future.output_len\\[1\\] must be 0"):
+        impl.simulate(*base, future=bad, future_t=np.array([0.1, 0.2]))
+    with pytest.raises(ValueError, match="both future and future_t"):
+        impl.simulate(*base, future=future)

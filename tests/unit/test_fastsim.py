@@ -375,3 +375,47 @@ def test_router_fast_path_arrays_equal_the_table_path():
     assert RequestTable.packed_rows([]).shape == RequestTable.empty().packed.shape
     with pytest.raises(ValueError, match="fields"):
         RequestTable.packed_rows([(1, 2, 3)])
+
+
+def test_expected_arrivals_are_evenly_spaced_up_to_the_horizon_and_cap():
+    table, times = fs.expected_arrivals(2.0, 3.2, input_len=500, prefix_len=100,
+                                             pred_output_len=80, max_new_tokens=256)
+    assert times.tolist() == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert table.input_len.tolist() == [500] * 6 and table.prefix_len.tolist() == [100] * 6
+    assert table.output_len.tolist() == [0] * 6 and table.pred_output_len.tolist() == [80] * 6
+    capped, t = fs.expected_arrivals(100.0, 60.0, input_len=10, prefix_len=0,
+                                          pred_output_len=5, max_new_tokens=5, max_requests=7)
+    assert len(capped) == len(t) == 7
+    none, t0 = fs.expected_arrivals(0.0, 60.0, input_len=10, prefix_len=0,
+                                         pred_output_len=5, max_new_tokens=5)
+    assert len(none) == len(t0) == 0
+    with pytest.raises(ValueError, match="rate_per_s"):
+        fs.expected_arrivals(float("nan"), 1.0, input_len=10, prefix_len=0,
+                                  pred_output_len=5, max_new_tokens=5)
+    with pytest.raises(ValueError, match="prefix_len"):
+        fs.expected_arrivals(1.0, 1.0, input_len=10, prefix_len=11,
+                                  pred_output_len=5, max_new_tokens=5)
+
+
+def test_expected_arrivals_lengthen_the_prediction_of_a_long_request():
+    cfg = fs.InstanceConfig(max_total_num_tokens=200_000, max_running_requests=64,
+                                 page_size=16, chunked_prefill_size=4096)
+    state = fs.InstanceState(cfg, fs.RequestTable.empty(), fs.RequestTable.empty(),
+                                  free_kv_tokens=200_000)
+    model = StepModel(const_s=0.02, per_token_s=1e-4, knee_tokens=16,
+                      per_prefill_pair_s=1e-9, per_decode_context_token_s=2e-7)
+    cand = fs.Candidate(800, 0, 300, 512, True)
+    alone = fs.predict(state, cand, model)
+    future = fs.expected_arrivals(2.0, 3 * alone.e2e_s, input_len=800, prefix_len=0,
+                                       pred_output_len=300, max_new_tokens=512, ignore_eos=True)
+    loaded_state = state.with_future(*future)
+    loaded = fs.predict(loaded_state, cand, model)
+    assert loaded.ttft_s == alone.ttft_s  # they queue behind it
+    assert loaded.e2e_s > alone.e2e_s * 1.2  # ~12 prefills of 800 tokens + a bigger batch
+    assert len(loaded_state.arrays) == 7 and len(state.arrays) == 5
+    many = fs.predict_many([state, loaded_state], cand, model)
+    assert many[0, 1] == alone.e2e_s and many[1, 1] == loaded.e2e_s
+    pending = fs.RequestTable.packed_rows([(100, 0, 0, 50, 1, 50)])
+    assert len(loaded_state.arrays_with_pending(pending)) == 7
+    with pytest.raises(ValueError, match="both future and future_times"):
+        state.with_future(future[0], None)
