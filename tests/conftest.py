@@ -19,6 +19,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
+    # The e2e smoke test (its own 2-instance cluster and routers, minutes) runs after every
+    # other integration test: the tests of the shared cluster's streams then never follow it.
+    # (In the CI run of 2026-11-28 every stream test that came after it timed out on a silent
+    # stream of the shared cluster while its instances kept serving; not reproduced locally,
+    # cold or warm. Those tests now print the subscriber's view and LocalCluster.diagnose().)
+    items.sort(key=lambda item: item.path.name == "test_e2e_smoke.py")
 
 
 @pytest.fixture(scope="session")
