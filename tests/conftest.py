@@ -2,6 +2,7 @@
 ~20-45 s to start on the CI machine)."""
 
 import importlib.util
+import warnings
 
 import pytest
 
@@ -28,8 +29,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    """Two real SGLang 0.5.23 servers (tiny model, CPU), H100 speed emulated at 4x time scale."""
+def cluster(tmp_path_factory, request):
+    """Two real SGLang 0.5.23 servers (tiny model, CPU), H100 speed emulated at 4x time scale.
+
+    A watch subscribes to both streams for the whole session: the start fails unless both are
+    fresh, and the first test after which a stream has gone silent is reported (a warning in
+    pytest's summary) — see ``_shared_stream_watch``."""
+    from block_sgl.router.ingest import StreamSubscriber
+
     if importlib.util.find_spec("sglang") is None:
         pytest.fail("integration tests need SGLang: run scripts/setup.sh")
     publish = publish_endpoints(2)
@@ -39,7 +46,38 @@ def cluster(tmp_path_factory):
                            per_instance_env=tuple((("BLOCK_SGL_PUBLISH", e),) for e in publish))
     with LocalCluster(config) as c:
         c.publish_endpoints = publish
-        yield c
+        watch = StreamSubscriber(publish, stale_after_s=WATCH_STALE_S)
+        watch.start()
+        try:
+            assert watch.wait_until(lambda s: s.stale() == [], 60), \
+                f"{stream_report(watch)}\n{c.diagnose()}"
+            c.stream_watch = watch
+            request.session.block_sgl_cluster = c
+            yield c
+        finally:
+            request.session.block_sgl_cluster = None
+            watch.stop()
+
+
+WATCH_STALE_S = 5.0
+"""An idle instance heartbeats every 1-2 s (--sleep-on-idle polls once a second)."""
+
+
+@pytest.fixture(autouse=True)
+def _shared_stream_watch(request):
+    """After each test: if a stream of the shared cluster has gone silent, warn once, naming the
+    test after which it was first seen silent, with what the watch received and the cluster's
+    state (diagnosis for CI runs, whose instance logs are gone)."""
+    yield
+    session = request.session
+    c = getattr(session, "block_sgl_cluster", None)
+    if c is None or getattr(session, "block_sgl_stream_silent", False):
+        return
+    if c.stream_watch.stale():
+        session.block_sgl_stream_silent = True
+        warnings.warn(pytest.PytestWarning(
+            f"a block_sgl stream of the shared cluster went silent; first seen after "
+            f"{request.node.nodeid}:\n{stream_report(c.stream_watch)}\n{c.diagnose()}"))
 
 
 def publish_endpoints(n):
@@ -61,7 +99,10 @@ def stream_report(sub) -> str:
     lines = [f"subscriber errors: {sub.errors}"]
     for endpoint, s in sub.states.items():
         age = f"{now - s.last_message_at:.1f} s ago" if s.last_message_at else "never"
+        port = int(endpoint.rsplit(":", 1)[1])
+        # whether anything still listens there (the publisher's PUB and replay ROUTER sockets)
+        bound = [p for p in (port, port + 1000) if port_in_use(p)]
         lines.append(f"{endpoint}: hello={s.hello is not None} snapshot={s.snapshot is not None} "
                      f"last message {age}, next_seq={s.next_seq}, full_states={s.full_states}, "
-                     f"gaps_repaired={s.gaps_repaired}")
+                     f"gaps_repaired={s.gaps_repaired}; ports in use: {bound}")
     return "\n".join(lines)
