@@ -2,6 +2,7 @@
 ~20-45 s to start on the CI machine)."""
 
 import importlib.util
+import time
 import warnings
 
 import pytest
@@ -93,8 +94,6 @@ def publish_endpoints(n):
 
 def stream_report(sub) -> str:
     """Per endpoint of a StreamSubscriber: what it has received (for failing tests' messages)."""
-    import time
-
     now = time.monotonic()
     lines = [f"subscriber errors: {sub.errors}"]
     for endpoint, s in sub.states.items():

@@ -222,11 +222,11 @@ class LocalCluster:
                 out.append(f"instance {inst.index} ({inst.url}): stopped")
                 continue
             code = proc.poll()
-            members = live_group_members(proc.pid)
+            members = [f for _, f in proc_stats() if int(f[2]) == proc.pid and f[0] != "Z"]
+            rss_mb = sum(int(f[21]) for f in members) * os.sysconf("SC_PAGE_SIZE") >> 20
             state = "running" if code is None else f"exited with code {code}"
             out.append(f"instance {inst.index} ({inst.url}): server {state}, "
-                       f"{len(members)} live processes, {_group_rss_mb(members)} MB RSS; "
-                       f"log {inst.log_path}:")
+                       f"{len(members)} live processes, {rss_mb} MB RSS; log {inst.log_path}:")
             try:
                 log = inst.log_path.read_text(errors="replace").splitlines()
             except OSError:
@@ -270,8 +270,8 @@ def _kill_group(pgid: int, sig: int) -> None:
 
 def proc_stats():
     """(pid, the fields of /proc/PID/stat after "pid (comm) ") of every live process: fields[0]
-    is the state, [2] the process group, [11] / [12] user / system clock ticks. Processes that
-    exit while being read are skipped."""
+    is the state, [2] the process group, [11] / [12] user / system clock ticks, [21] resident
+    pages. Processes that exit while being read are skipped."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -290,17 +290,6 @@ def _mem_available_mb() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _group_rss_mb(pids: list[int]) -> int:
-    page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
-    for pid in pids:
-        try:
-            total += int(open(f"/proc/{pid}/statm").read().split()[1]) * page
-        except (OSError, ValueError, IndexError):
-            continue  # exited while being read
-    return total >> 20
 
 
 def live_group_members(pgid: int) -> list[int]:
