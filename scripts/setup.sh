@@ -37,6 +37,21 @@ else
 fi
 step "mode: $MODE"
 
+# The CPU path installs torch's CUDA wheels from PyPI (SGLang pins torch==2.14.1; PyPI has no CPU
+# build of it): ~7 GB in the venv. Fail up front with the numbers instead of pip's "No space left on
+# device" halfway through (what a CI run on a nearly full shared disk printed).
+need_gb=${BLOCK_SGL_SETUP_MIN_FREE_GB:-9}
+if ! have sglang "$SGLANG_VERSION"; then
+  free_kb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}')
+  step "free disk at $(dirname "$VENV"): $(( free_kb / 1024 / 1024 )) GiB (need ~${need_gb} GiB for the install)"
+  if [ "$free_kb" -lt $(( need_gb * 1024 * 1024 )) ]; then
+    echo "[setup] ERROR: not enough free disk for torch + SGLang (~${need_gb} GiB); free some space" \
+         "or set BLOCK_SGL_SETUP_MIN_FREE_GB to override" >&2
+    df -h "$(dirname "$VENV")" >&2
+    exit 1
+  fi
+fi
+
 if have sglang "$SGLANG_VERSION"; then
   step "sglang $SGLANG_VERSION already installed"
 elif [ "$MODE" = gpu ]; then
