@@ -1,8 +1,27 @@
-"""Build the Cython extension block_sgl._fastsim (metadata lives in pyproject.toml)."""
+"""Build the Cython extensions block_sgl._fastsim and block_sgl._page_hash (metadata lives in
+pyproject.toml). ``_page_hash`` calls OpenSSL's SHA256 (libcrypto, which CPython's hashlib
+already uses): its headers come with Debian's ``libssl-dev`` (``openssl-devel`` elsewhere)."""
+import os
+import sysconfig
+
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+
+def _check_openssl_headers() -> None:
+    dirs = [os.environ.get("OPENSSL_INCLUDE_DIR"), sysconfig.get_paths().get("include"),
+            "/usr/include", "/usr/local/include", "/opt/homebrew/opt/openssl/include",
+            "/usr/local/opt/openssl/include"]
+    if not any(d and os.path.isfile(os.path.join(d, "openssl", "sha.h")) for d in dirs):
+        raise SystemExit(
+            "block_sgl: OpenSSL's headers (openssl/sha.h) were not found; block_sgl._page_hash "
+            "needs them. Install them (Debian/Ubuntu: `apt-get install libssl-dev`; Fedora: "
+            "`dnf install openssl-devel`) or set OPENSSL_INCLUDE_DIR.")
+
+
+_check_openssl_headers()
+_include = [d for d in [os.environ.get("OPENSSL_INCLUDE_DIR")] if d]
 extensions = [
     Extension(
         "block_sgl._fastsim",
@@ -10,7 +29,14 @@ extensions = [
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
-    )
+    ),
+    Extension(
+        "block_sgl._page_hash",
+        ["block_sgl/_page_hash.pyx"],
+        include_dirs=_include,
+        libraries=["crypto"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

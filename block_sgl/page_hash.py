@@ -5,11 +5,18 @@ chains SHA-256 per full page: ``d_i = SHA256(d_{i-1} ‖ page tokens as little-e
 (the first page has no parent), and events carry the first 8 bytes of each digest as a signed
 int64. The partial last page is never cached, so it has no hash. Verified against real events
 by ``tests/integration/test_hooks.py``.
+
+``PromptPages`` (what the router uses) is the compiled ``block_sgl._page_hash.PromptPages``
+(OpenSSL's SHA-256 over one buffer, no Python object per page but the hash itself); its
+specification is ``PurePromptPages`` below, which ``BLOCK_SGL_PAGE_HASH_PURE=1`` selects instead
+(for debugging; a missing build is an ImportError, never a silent fallback). The unit tests run
+both.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from array import array
 
@@ -63,10 +70,11 @@ def page_hashes(token_ids, page_size: int) -> list[int]:
     return [digest_to_int64(d) for d in page_digests(token_ids, page_size)]
 
 
-class PromptPages:
+class PurePromptPages:
     """A prompt's page-hash chain, computed lazily: routing only needs the hashes up to the
     longest prefix any instance holds (usually a few pages), the speculative cache entries
-    need the whole chain later (``all()``)."""
+    need the whole chain later (``all()``). The specification of the compiled
+    ``block_sgl._page_hash.PromptPages`` (same methods, results and errors)."""
 
     __slots__ = ("page_size", "n_pages", "_data", "_digests", "_hashes")
 
@@ -108,3 +116,40 @@ class PromptPages:
     def __iter__(self):
         for i in range(self.n_pages):
             yield self.hash(i)
+
+    def leading_in(self, container) -> int:
+        """How many leading pages have their hash ``in container`` (a set or dict of hashes):
+        the prompt's cached prefix, in pages, on an instance whose radix cache holds
+        ``container`` (chained hashes: a page can only be cached after its parent)."""
+        n = 0
+        while n < self.n_pages and self.hash(n) in container:
+            n += 1
+        return n
+
+    def leading_unexpired(self, expiry: dict, now: float) -> int:
+        """How many leading pages have ``expiry[hash] >= now`` (speculative cache entries)."""
+        n = 0
+        while n < self.n_pages:
+            e = expiry.get(self.hash(n))
+            if e is None or e < now:
+                break
+            n += 1
+        return n
+
+
+def implementation() -> str:
+    """``"compiled"`` or ``"python"``: which ``PromptPages`` the router uses."""
+    return "python" if PromptPages is PurePromptPages else "compiled"
+
+
+if os.environ.get("BLOCK_SGL_PAGE_HASH_PURE") == "1":
+    PromptPages = PurePromptPages
+else:
+    try:
+        from block_sgl._page_hash import PromptPages
+    except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+        raise ImportError(
+            "block_sgl._page_hash (the compiled page hasher) is not built. Build it with "
+            "`pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace` "
+            "(needs OpenSSL's headers: libssl-dev); set BLOCK_SGL_PAGE_HASH_PURE=1 to run the "
+            "pure-Python twin instead.") from exc

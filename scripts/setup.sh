@@ -69,9 +69,23 @@ fi
 step "installing build + test dependencies (requirements/dev.txt)"
 $PIP install -q "cython>=3.0" "setuptools>=68" wheel numpy==2.4.6 -r requirements/dev.txt
 
-step "installing block_sgl in editable mode with its dependencies (builds block_sgl/_fastsim)"
+# block_sgl/_page_hash links OpenSSL's libcrypto (the library CPython's hashlib uses); its
+# headers come with libssl-dev. Install them where apt can (CI, fresh Debian machines).
+if [ ! -f /usr/include/openssl/sha.h ] && [ -z "${OPENSSL_INCLUDE_DIR:-}" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    step "installing OpenSSL headers (apt-get install libssl-dev)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libssl-dev >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libssl-dev >/dev/null; }
+  else
+    echo "[setup] ERROR: OpenSSL headers (openssl/sha.h) missing: install libssl-dev" \
+         "(or openssl-devel), or set OPENSSL_INCLUDE_DIR" >&2
+    exit 1
+  fi
+fi
+
+step "installing block_sgl in editable mode with its dependencies (builds block_sgl/_fastsim, block_sgl/_page_hash)"
 $PIP install -q --no-build-isolation -e .
-$PY -c "import block_sgl._fastsim as f; print('[setup] compiled extension:', f.__file__)"
+$PY -c "import block_sgl._fastsim as f, block_sgl._page_hash as h; print('[setup] compiled extensions:', f.__file__, h.__file__)"
 
 SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 PTH="$SITE/block_sgl_cpu_shim.pth"

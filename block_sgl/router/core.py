@@ -366,14 +366,7 @@ class Router:
             return 0
         hashes = hashes_by_size[size]
         matched = self.prefix_index.matched_pages(worker.endpoint, hashes) if worker.endpoint else 0
-        spec = 0
-        if worker.speculative:
-            get = worker.speculative.get
-            for h in hashes:
-                exp = get(h)
-                if exp is None or exp < now_mono:
-                    break
-                spec += 1
+        spec = hashes.leading_unexpired(worker.speculative, now_mono) if worker.speculative else 0
         return max(matched, spec) * size
 
     def view(self, worker: Worker, request: RequestView, hashes_by_size: dict, now: float,
@@ -413,7 +406,7 @@ class Router:
             raise NoInstanceAvailable(
                 "no SGLang instance is available: " + "; ".join(
                     f"{w.url}: {w.last_error or 'excluded after a failure'}" for w in self.workers))
-        hashes_by_size: dict[int, list[int]] = {}
+        hashes_by_size: dict[int, PromptPages] = {}
         if token_ids and self.policy.needs_tokens:
             for w in candidates:
                 size = self._page_size(w)

@@ -38,6 +38,8 @@ class PrefixIndex:
         pages = self._pages.get(instance)
         if not pages:
             return 0
+        if type(hashes) is not list:  # PromptPages: hashes only the pages it needs, in C
+            return hashes.leading_in(pages)
         n = 0
         for h in hashes:
             if h not in pages:
