@@ -86,8 +86,21 @@ class StepEmulator:
             time.sleep(remaining)
         elif target > 0:
             self.overshoot_steps += 1
+            self._warn_overshoot(step_shape(forward_batch), target, target - remaining)
         self._previous_end = time.perf_counter()
         return out
+
+
+    def _warn_overshoot(self, shape: StepShape, target: float, took: float) -> None:
+        # The emulator can only slow steps down: a real forward slower than the emulated GPU
+        # step makes that step (and the test bed's timing) real CPU time. Say so, rarely.
+        n = self.overshoot_steps
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... time
+            logger.warning(
+                "block_sgl emulation: %d of %d steps ran longer than the emulated GPU step "
+                "(last: %s took %.1f ms, emulated %.1f ms); raise BLOCK_SGL_TIME_SCALE "
+                "(now %g) for faithful timing", n, self.steps, shape, took * 1e3,
+                target * 1e3, self.time_scale)
 
 
 def install(settings) -> StepEmulator:

@@ -1,5 +1,5 @@
 """In-engine DP routing on real SGLang: ``--dp-size 2 --block-dp-policy block`` (one shared
-server, H100 speed emulated at 4x time scale), the refusals at start, and stock SGLang without
+server, H100 speed emulated at TIME_SCALE), the refusals at start, and stock SGLang without
 the flag. Servers run one at a time (a --dp-size 2 server holds ≈ 5 GB): the stock one first,
 then the shared block one."""
 

@@ -77,5 +77,6 @@ def test_step_durations_match_the_profile(cluster):
                  f"{statistics.median(e for _, e in v) * 1e3:.1f} ms ({len(v)} steps)"
               for k, v in groups.items()}
     print("emulation step durations:", report, {k: round(v, 4) for k, v in relative.items()})
-    assert statistics.median(relative.values()) <= 0.10, report
-    assert max(relative.values()) <= 0.25, report
+    # the instance log names steps whose real CPU forward outlasted the emulated step
+    assert statistics.median(relative.values()) <= 0.10, f"{report}\n{cluster.diagnose()}"
+    assert max(relative.values()) <= 0.25, f"{report}\n{cluster.diagnose()}"

@@ -14,7 +14,7 @@ from block_sgl.router.ingest import StreamSubscriber
 from block_sgl.router.prefix_index import PrefixIndex
 from block_sgl.testing.cluster import ClusterConfig, ClusterError, LocalCluster
 
-from ..conftest import publish_endpoints, stream_report
+from ..conftest import TIME_SCALE, publish_endpoints, stream_report
 
 
 def post(url, body, timeout=120):
@@ -51,7 +51,7 @@ def test_hello_describes_the_instance(cluster, stream):
         hello = sub.states[endpoint].hello
         assert hello.url == url and hello.page_size == 16
         assert hello.max_total_num_tokens == 65536 and hello.chunked_prefill_size == 4096
-        assert hello.hardware_profile == "h100-llama2-7b" and hello.time_scale == 4.0
+        assert hello.hardware_profile == "h100-llama2-7b" and hello.time_scale == TIME_SCALE
 
 
 def test_quiescent_snapshot_agrees_with_v1_loads(cluster, stream):
