@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stale-after", type=float, default=2.0, metavar="S",
                    help="stream silence after which an instance is routed on the router's own "
                         "accounting")
-    g.add_argument("--calibration-refit-interval", type=float, default=2.0, metavar="S",
+    g.add_argument("--calibration-refit-interval", type=float, default=10.0, metavar="S",
                    help="refit each instance's step model from its step records at most every "
-                   "S seconds (drift is still checked every 64 records)")
+                   "S seconds, after a drift at most once more (drift is still checked, and "
+                   "rescaled for, every 64 records); a fit costs 30-200 ms of router CPU")
     g.add_argument("--seed", type=int, help="seed for random choices (random, power_of_two, k)")
     g = p.add_argument_group("SLO admission (block policies)")
     g.add_argument("--slo-ttft-ms", type=float, help="TTFT objective; enables admission")

@@ -172,6 +172,18 @@ def _rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live children, from /proc."""
+    total = 0
+    for p in [pid] + _children(pid):
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _children(pid: int) -> list[int]:
     try:
         kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
@@ -228,9 +240,15 @@ def bench_proxy(args) -> dict:
                     n = args.requests if conc == 1 else args.requests * 2
                     # Interleave targets, several rounds, so drift hits all alike.
                     samples = {k: [] for k in targets}
+                    cpu_s = dict.fromkeys(targets, 0.0)  # the router process's CPU (user + sys)
+                    requests = dict.fromkeys(targets, 0)
                     for _ in range(args.rounds):
                         for name, url in targets.items():
+                            pid = routers[name][1].pid if name in routers else None
+                            before = _cpu_seconds(pid) if pid else 0.0
                             samples[name] += asyncio.run(_measure(url, n, conc, stream))
+                            cpu_s[name] += (_cpu_seconds(pid) - before) if pid else 0.0
+                            requests[name] += n + min(conc, 8)  # + the warm-up requests
                     direct = statistics.median(samples["direct"])
                     for name, xs in samples.items():
                         rows.append({"mode": "stream_ttfb" if stream else "non_stream",
@@ -238,9 +256,14 @@ def bench_proxy(args) -> dict:
                                      "p50_ms": statistics.median(xs) * 1e3,
                                      "p90_ms": float(np.percentile(xs, 90) * 1e3),
                                      "added_p50_ms": (statistics.median(xs) - direct) * 1e3,
+                                     "router_cpu_ms_per_request": (
+                                         cpu_s[name] / requests[name] * 1e3
+                                         if name in routers else None),
                                      "n": len(xs)})
+                        cpu = rows[-1]["router_cpu_ms_per_request"]
                         print(f"{rows[-1]['mode']:11s} c={conc:<3d} {name:22s} "
-                              f"p50 {rows[-1]['p50_ms']:7.2f} ms  added {rows[-1]['added_p50_ms']:+7.2f} ms",
+                              f"p50 {rows[-1]['p50_ms']:7.2f} ms  added {rows[-1]['added_p50_ms']:+7.2f} ms"
+                              + (f"  router CPU {cpu:5.2f} ms/request" if cpu is not None else ""),
                               flush=True)
             rss = {name: _rss_mb(proc.pid) for name, (_, proc) in routers.items()}
         finally:

@@ -75,9 +75,11 @@ class RouterConfig:
     stale_after_s: float = 2.0
     """An instance whose stream has been silent this long is routed on the router's own
     accounting (documented in README: stale instances)."""
-    calibration_refit_interval_s: float = 2.0
-    """Each instance's step model is refitted from its step records at most this often (a
-    drift is still detected, and rescaled for, every 64 records)."""
+    calibration_refit_interval_s: float = 10.0
+    """Each instance's step model is refitted from its step records at most this often, plus
+    at most one post-drift fit per interval (a drift is still detected, and rescaled for, every
+    64 records). A fit costs 30-200 ms of CPU here; at 2 s with drift-triggered fits
+    unthrottled, fits took ~half of a router's CPU in front of one real-CPU instance."""
     speculative_prefix_ttl_s: float = 10.0
     """How long a dispatched prompt's pages count as cached on its instance before the
     instance's own cache events confirm (or never confirm) them."""

@@ -213,3 +213,25 @@ def test_refit_interval_throttles_full_refits_but_not_drift():
     assert np.median(relative_errors(cal.model, heldout)) <= 0.05
     with pytest.raises(ValueError, match="min_refit_interval_s"):
         OnlineCalibrator(min_refit_interval_s=-1)
+
+
+def test_a_drift_storm_refits_at_most_twice_per_interval():
+    """Step times the model form cannot describe (here: random, 10x spread) "drift" at almost
+    every check. Each drift is still rescaled for, but full fits — 30-200 ms each — happen at
+    most once per interval plus one post-drift fit, instead of at every check."""
+    now = [0.0]
+    cal = OnlineCalibrator(window=WINDOW, refit_every=REFIT_EVERY, min_fit_records=MIN_FIT,
+                           min_refit_interval_s=10.0, clock=lambda: now[0])
+    rng = np.random.default_rng(51)
+    base = profile_records("h100-llama2-7b", 2000, rng)
+    noisy = base.seconds * np.exp(rng.uniform(-1.2, 1.2, len(base.seconds)))
+    fields = [getattr(base, f) for f in FIELDS[:-1]] + [noisy]
+    refits_per_interval = []
+    for start in range(0, 2000, 500):  # 500 records per 10-s interval
+        before = cal.refits
+        for i in range(start, start + 500):
+            cal.observe(*(f[i] for f in fields))
+        refits_per_interval.append(cal.refits - before)
+        now[0] += 10.0
+    assert cal.drift_events >= 10  # it does storm
+    assert refits_per_interval[0] >= 1 and max(refits_per_interval) <= 2, refits_per_interval

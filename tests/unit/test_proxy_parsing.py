@@ -1,8 +1,10 @@
 """Request parsing at the router's edge: what each endpoint accepts, and the 4xx messages."""
 
+import functools
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from block_sgl.router.config import RouterConfig
 from block_sgl.router.proxy import BadRequest, RouterApp, _meta_from_json, _tokens_from_sse
@@ -78,3 +80,23 @@ def test_response_metadata_extraction():
     assert _meta_from_json(b"not json") == (None, None)
     assert _tokens_from_sse(b'data: {"meta_info": {"completion_tokens": 9}}', 3) == 9
     assert _tokens_from_sse(b'data: {"choices": []}', 3) == 3  # no usage: count the events
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizers():
+    from tokenizers import Tokenizer
+
+    folder = make_tiny_model()
+    return PromptTokenizer(folder), Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=300))
+def test_router_token_ids_equal_the_tokenizers_plain_encode(text):
+    """The router's fast path (``encode_batch_fast``: no offsets) gives ``Tokenizer.encode``'s
+    ids, special tokens included, for any text (SGLang's own ids: tests/integration)."""
+    tok, plain = _tokenizers()
+    assert tok.encode(text) == plain.encode(text, add_special_tokens=True).ids
+    messages = [{"role": "user", "content": text}]
+    rendered, ids = tok.encode_chat(messages)
+    assert ids == plain.encode(rendered, add_special_tokens=False).ids
