@@ -55,6 +55,9 @@ _COEFF_NAMES = tuple(f.name for f in dataclasses.fields(StepModel))
 # Linear coefficients (all but the knee), in design-matrix column order.
 _LINEAR = ("const_s", "per_token_s", "per_prefill_pair_s", "per_decode_context_token_s")
 _SUBSETS = tuple(tuple(s) for r in range(1, 5) for s in itertools.combinations(range(4), r))
+_SUBSET_MASKS = np.array([[j in s for j in range(4)] for s in _SUBSETS])  # (15, 4)
+_SUBSET_PAIRS = _SUBSET_MASKS[:, :, None] & _SUBSET_MASKS[:, None, :]      # (15, 4, 4)
+_EYE4 = np.eye(4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,13 +188,35 @@ def _nnls_gram(g: np.ndarray, h: np.ndarray, bb: float) -> np.ndarray:
     """min ||a x - b||^2 s.t. x >= 0 given the normal equations g = a'a, h = a'b, bb = b'b.
 
     Exact for the 4 unknowns here: the best feasible unconstrained solution over all subsets of
-    free columns (the optimum of an NNLS is the least-squares solution on its support)."""
+    free columns (the optimum of an NNLS is the least-squares solution on its support). The 15
+    subset systems are solved in one batched call (each padded to 4x4 with the identity outside
+    its support, so the solution is 0 there); one with a singular system falls back to
+    ``_nnls_gram_subsets``, which takes the minimum-norm solution. The infeasible case is the
+    common one on step records the model form does not fit (a real-CPU instance), where the
+    per-subset loop made a refit cost ~120 ms here."""
     try:
         x = np.linalg.solve(g, h)
         if np.all(x >= 0):  # the common case: the unconstrained optimum is feasible
             return x
     except np.linalg.LinAlgError:
         pass
+    try:
+        xs = np.linalg.solve(np.where(_SUBSET_PAIRS, g, _EYE4),
+                             np.where(_SUBSET_MASKS, h, 0.0)[:, :, None])[:, :, 0]
+    except np.linalg.LinAlgError:
+        return _nnls_gram_subsets(g, h, bb)
+    losses = (np.einsum("si,ij,sj->s", xs, g, xs) - 2.0 * (xs @ h) + bb).tolist()
+    feasible = (xs >= 0).all(axis=1).tolist()
+    best, best_loss = None, bb
+    for k in range(len(_SUBSETS)):  # in subset order, as _nnls_gram_subsets
+        if feasible[k] and losses[k] < best_loss - 1e-12 * abs(bb):
+            best, best_loss = k, losses[k]
+    return np.zeros(len(h)) if best is None else xs[best].copy()
+
+
+def _nnls_gram_subsets(g: np.ndarray, h: np.ndarray, bb: float) -> np.ndarray:
+    """``_nnls_gram``'s subset search one subset at a time (minimum-norm least squares on each
+    support: handles singular systems)."""
     best_x, best_loss = np.zeros(len(h)), bb
     for cols in _SUBSETS:
         idx = np.array(cols)

@@ -235,3 +235,27 @@ def test_a_drift_storm_refits_at_most_twice_per_interval():
         now[0] += 10.0
     assert cal.drift_events >= 10  # it does storm
     assert refits_per_interval[0] >= 1 and max(refits_per_interval) <= 2, refits_per_interval
+
+
+def test_batched_nnls_equals_the_subset_loop():
+    """``_nnls_gram`` (15 subset systems in one batched solve) gives the one-subset-at-a-time
+    search's answer, feasible and infeasible problems alike, and falls back to it on singular
+    systems (a column that is all zero)."""
+    from block_sgl.predictor.perf_model import _nnls_gram, _nnls_gram_subsets
+
+    rng = np.random.default_rng(61)
+    infeasible = 0
+    for _ in range(500):
+        a = rng.normal(size=(20, 4)) * rng.uniform(0.01, 10, 4)
+        b = rng.normal(size=20)
+        g, h, bb = a.T @ a, a.T @ b, float(b @ b)
+        infeasible += bool(np.any(np.linalg.solve(g, h) < 0))
+        x = _nnls_gram(g, h, bb)
+        assert np.all(x >= 0)
+        np.testing.assert_allclose(x, _nnls_gram_subsets(g, h, bb), rtol=1e-9, atol=1e-12)
+    assert infeasible > 100  # the subset search was exercised
+    a = rng.normal(size=(20, 4))
+    a[:, 2] = 0.0  # singular: no such steps in the window
+    b = -a[:, 0] + a[:, 1]
+    g, h, bb = a.T @ a, a.T @ b, float(b @ b)
+    np.testing.assert_allclose(_nnls_gram(g, h, bb), _nnls_gram_subsets(g, h, bb), atol=1e-12)
