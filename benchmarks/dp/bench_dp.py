@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from block_sgl.testing.cluster import ClusterConfig, ClusterError, LocalCluster, free_port, port_in_use  # noqa: E402
+from block_sgl.hooks.emulate import overshoot_from_log  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "dp_policy.json"
 STOCK = ("round_robin", "total_tokens")
@@ -172,7 +173,10 @@ def run_config(name: str, args, log_dir: Path) -> dict:
             "median": {k: med(k) for k in ("ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms",
                                            "e2e_p99_ms", "throughput_tok_s", "throughput_req_s",
                                            "prefix_hit")},
-            "block_sgl_fallbacks_logged": log.count("block_sgl DP routing failed")}
+            "block_sgl_fallbacks_logged": log.count("block_sgl DP routing failed"),
+            # per DP rank: (steps whose real CPU forward outlasted the emulated GPU step, steps)
+            # at the emulator's last WARNING; a large share means CPU-bound timings
+            "emulation_overshoot": {k: list(v) for k, v in overshoot_from_log(log).items()}}
 
 
 def main(argv=None) -> int:
@@ -231,6 +235,12 @@ def main(argv=None) -> int:
             continue
         print(f"{r['config']:<14}{m['ttft_p50_ms']:>8.0f}ms{m['ttft_p99_ms']:>8.0f}ms"
               f"{m['e2e_p99_ms']:>8.0f}ms{m['throughput_tok_s']:>8.0f}{m['prefix_hit']:>6.0%}")
+    for r in rows:
+        for rank, (n, m) in r.get("emulation_overshoot", {}).items():
+            if n > 0.1 * m:
+                print(f"WARNING [{r['config']}] {rank or 'scheduler'}: {n} of {m} steps outlasted the "
+                      f"emulated GPU step: these timings are the CPU's, not the emulated GPU's "
+                      f"(raise --time-scale or lower --rate)")
     print(f"wrote {args.out}")
     return 0
 

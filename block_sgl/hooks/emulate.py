@@ -24,6 +24,7 @@ The step's shape is read from the ``ForwardBatch`` SGLang hands the model runner
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -101,6 +102,22 @@ class StepEmulator:
                 "(last: %s took %.1f ms, emulated %.1f ms); raise BLOCK_SGL_TIME_SCALE "
                 "(now %g) for faithful timing", n, self.steps, shape, took * 1e3,
                 target * 1e3, self.time_scale)
+
+
+_OVERSHOOT_LINE = re.compile(
+    r"^\[[^\]]*?(?: (?P<label>[A-Z]+\d+))?\] block_sgl emulation: (?P<n>\d+) of (?P<m>\d+) steps",
+    re.MULTILINE)
+
+
+def overshoot_from_log(text: str) -> dict[str, tuple[int, int]]:
+    """From an instance log: per scheduler (SGLang's log label, e.g. ``DP0``; ``""`` without
+    one), (steps that outlasted the emulated step, steps) at its last overshoot WARNING.
+    Empty when no step overshot. Benchmarks use it to flag timings that are the CPU's rather
+    than the emulated GPU's."""
+    out: dict[str, tuple[int, int]] = {}
+    for m in _OVERSHOOT_LINE.finditer(text):
+        out[m.group("label") or ""] = (int(m.group("n")), int(m.group("m")))
+    return out
 
 
 def install(settings) -> StepEmulator:

@@ -52,3 +52,16 @@ def test_a_forward_slower_than_the_emulated_step_is_counted_and_logged(caplog):
     assert len(warnings) == 2  # the 1st and 2nd overshoot, then the 4th, 8th, ...
     assert "1 of 1 steps ran longer" in warnings[0] and "BLOCK_SGL_TIME_SCALE" in warnings[0]
     assert "2 of 2 steps" in warnings[1]
+
+
+def test_overshoot_summary_read_back_from_an_instance_log():
+    from block_sgl.hooks.emulate import overshoot_from_log
+
+    log = """[2026-11-28 20:50:20 DP0] block_sgl emulation: 32 of 32 steps ran longer than the emulated GPU step (last: ...)
+[2026-11-28 20:50:26 DP1] block_sgl emulation: 64 of 64 steps ran longer than the emulated GPU step (last: ...)
+[2026-11-28 20:50:27 DP0] some other line mentioning block_sgl emulation: 1 of 2 steps
+[2026-11-28 20:51:12 DP1] block_sgl emulation: 256 of 260 steps ran longer than the emulated GPU step
+[2026-11-28 21:00:00] block_sgl emulation: 2 of 40 steps ran longer than the emulated GPU step
+"""
+    assert overshoot_from_log(log) == {"DP0": (32, 32), "DP1": (256, 260), "": (2, 40)}
+    assert overshoot_from_log("[2026-11-28 20:50:20 DP0] Prefill batch.\n") == {}
