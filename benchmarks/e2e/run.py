@@ -729,6 +729,19 @@ def main(argv=None) -> int:
     finally:
         if cluster is not None:
             cluster.stop()
+            # steps whose real CPU forward outlasted the emulated GPU step, per instance: a
+            # large share means the run measured the CPU, not the emulated GPU
+            from block_sgl.hooks.emulate import overshoot_from_log
+
+            meta["cluster"]["emulation_overshoot"] = {
+                str(i.index): {k or "scheduler": list(v) for k, v in overshoot_from_log(
+                    i.log_path.read_text(errors="replace")).items()}
+                for i in cluster.instances if i.log_path.exists()}
+            for index, ranks in meta["cluster"]["emulation_overshoot"].items():
+                for rank, (n, m) in ranks.items():
+                    if n > 0.1 * m:
+                        print(f"WARNING instance {index} ({rank}): {n} of {m} steps outlasted the "
+                              "emulated GPU step: CPU-bound timings (raise --time-scale)", flush=True)
     meta["runtime_s"] = round(time.time() - started, 1)
     from benchmarks.e2e.report import write_outputs
 

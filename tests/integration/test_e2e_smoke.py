@@ -62,6 +62,8 @@ def test_smoke_run_writes_well_formed_results(tmp_path):
     for key in ("machine", "git", "cluster", "slo", "seeds", "tag", "versions", "workloads"):
         assert key in meta, key
     assert meta["cluster"]["instances"] == 2 and meta["cluster"]["time_scale"] > 0
+    # what the emulator logged about steps that outlasted it (empty: none did), per instance
+    assert set(meta["cluster"]["emulation_overshoot"]) == {"0", "1"}, meta["cluster"]
     assert meta["workloads"]["mooncake"]["0"]["length_scale"] > 0
 
     rows = results["capacity"]["mooncake"]
