@@ -5,9 +5,9 @@
 The specification is ``block_sgl.page_hash.PurePromptPages`` (same methods, same results,
 same errors; the unit tests run both). Why compiled: the router hashes the leading pages of
 every request on its critical path (``Router.decide``), and in Python each page costs a
-``hashlib`` object, a bytes concatenation, a digest and an ``int.from_bytes`` (about 1.5 us
-per page here); OpenSSL's one-shot ``SHA256`` over a buffer laid out so that no copy is needed
-costs a fraction of that.
+``hashlib`` object, a bytes concatenation, a digest and an ``int.from_bytes`` (1.5-3 us per page
+here); OpenSSL's SHA-256 over a buffer laid out so that no copy is needed, with one reused
+context, costs about a third of that (most of it OpenSSL's own per-digest overhead).
 
 Layout: one buffer of ``n_pages`` slots of ``32 + 4 * page_size`` bytes. Slot ``k`` holds the
 digest of page ``k - 1`` (its 32-byte parent) followed by page ``k``'s token ids as
@@ -37,6 +37,8 @@ cdef const EVP_MD *_SHA256 = EVP_sha256()
 
 from array import array
 import sys
+
+import numpy as np
 
 cdef enum:
     DIGEST = 32
@@ -92,8 +94,10 @@ cdef class PromptPages:
             raise MemoryError()
         if isinstance(token_ids, list):
             self._fill_from_list(<list>token_ids, full)
-        else:
+        elif isinstance(token_ids, np.ndarray):
             self._fill_from_array(token_ids, full)
+        else:  # any other sequence converts as a list does (the twin's errors, e.g. TypeError)
+            self._fill_from_list(list(token_ids), full)
 
     def __dealloc__(self):
         if self._buf != NULL:
@@ -124,11 +128,9 @@ cdef class PromptPages:
                     _put_le32(dst + 4 * i, ids[k * p + i])
 
     cdef int _fill_from_array(self, token_ids, Py_ssize_t full) except -1:
-        import numpy as np
-
-        ids = np.asarray(token_ids)[:full]
+        ids = token_ids[:full]
         if ids.dtype.kind not in "iub":
-            ids = ids.astype(np.int64)  # e.g. a tuple of ints, or floats that hold ints
+            ids = ids.astype(np.int64)  # as the twin: floats are truncated
         if full and (int(ids.min()) < 0 or int(ids.max()) > 0xFFFFFFFF):
             raise ValueError(_RANGE_ERROR)
         self._fill_u32(np.ascontiguousarray(ids, dtype=np.uint32))

@@ -94,9 +94,9 @@ class PurePromptPages:
     def hash(self, i: int) -> int:
         """The int64 hash of page ``i`` (computing the chain up to it if needed)."""
         hashes = self._hashes
-        if i < len(hashes):
+        if 0 <= i < len(hashes):
             return hashes[i]
-        if i >= self.n_pages:
+        if not 0 <= i < self.n_pages:
             raise IndexError(i)
         digests, data, step = self._digests, self._data, self.page_size * 4
         sha256 = hashlib.sha256

@@ -87,6 +87,12 @@ def test_invalid_ids_and_page_sizes_are_refused(pages_class):
         pages_class([1] * 16, 16).hash(1)
     with pytest.raises(IndexError):
         pages_class([1] * 16, 16).hash(-1)
+    computed = pages_class([1] * 32, 16)
+    computed.all()
+    with pytest.raises(IndexError):  # no negative indexing, computed or not
+        computed.hash(-1)
+    with pytest.raises(TypeError):
+        pages_class((1.5,) * 16, 16)  # a tuple converts as a list does
     # the partial last page is never hashed, so its ids are not read either
     assert pages_class([1] * 16 + [2 ** 40], 16).all() == reference([1] * 16, 16)
     assert len(pages_class([], 16)) == 0 and pages_class([], 16).all() == []
