@@ -1,6 +1,6 @@
-"""Build the Cython extensions block_sgl._fastsim and block_sgl._page_hash (metadata lives in
-pyproject.toml). ``_page_hash`` calls OpenSSL's SHA256 (libcrypto, which CPython's hashlib
-already uses): its headers come with Debian's ``libssl-dev`` (``openssl-devel`` elsewhere)."""
+"""Build the Cython extensions block_sgl._fastsim, block_sgl._page_hash and block_sgl._capture
+(metadata lives in pyproject.toml). ``_page_hash`` calls OpenSSL's SHA256 (libcrypto, which
+CPython's hashlib already uses): its headers come with Debian's ``libssl-dev`` (``openssl-devel`` elsewhere)."""
 import os
 import sysconfig
 
@@ -30,6 +30,7 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
     ),
+    Extension("block_sgl._capture", ["block_sgl/_capture.pyx"], extra_compile_args=["-O3"]),
     Extension(
         "block_sgl._page_hash",
         ["block_sgl/_page_hash.pyx"],

@@ -83,9 +83,9 @@ if [ ! -f /usr/include/openssl/sha.h ] && [ -z "${OPENSSL_INCLUDE_DIR:-}" ]; the
   fi
 fi
 
-step "installing block_sgl in editable mode with its dependencies (builds block_sgl/_fastsim, block_sgl/_page_hash)"
+step "installing block_sgl in editable mode with its dependencies (builds block_sgl/_fastsim, block_sgl/_page_hash, block_sgl/_capture)"
 $PIP install -q --no-build-isolation -e .
-$PY -c "import block_sgl._fastsim as f, block_sgl._page_hash as h; print('[setup] compiled extensions:', f.__file__, h.__file__)"
+$PY -c "import block_sgl._fastsim as f, block_sgl._page_hash as h, block_sgl._capture as c; print('[setup] compiled extensions:', f.__file__, h.__file__, c.__file__)"
 
 SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 PTH="$SITE/block_sgl_cpu_shim.pth"

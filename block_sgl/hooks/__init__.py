@@ -35,16 +35,19 @@ def register() -> None:
         from block_sgl.hooks import emulate
 
         emulate.install(settings)
-    if settings.publish:
-        from block_sgl.hooks import scheduler
+    try:
+        if settings.publish:
+            from block_sgl.hooks import scheduler
 
-        scheduler.install(settings)
-    if settings.dp_policy and DP_CONTROLLER_MODULE in sys.modules:
-        # Only where SGLang's DP controller can run (its process imported the module before
-        # loading plugins); elsewhere resolving the hook target would import it for nothing.
-        from block_sgl.hooks import dp
+            scheduler.install(settings)
+        if settings.dp_policy and DP_CONTROLLER_MODULE in sys.modules:
+            # Only where SGLang's DP controller can run (its process imported the module before
+            # loading plugins); elsewhere resolving the hook target would import it for nothing.
+            from block_sgl.hooks import dp
 
-        dp.install(settings)
+            dp.install(settings)
+    except ImportError as e:  # e.g. a compiled extension not built: stop, as for a bad setting
+        raise SystemExit(f"block_sgl: {e}") from None
 
 
 def _add_cli_args_hook(result, parser):

@@ -29,11 +29,11 @@ on the scheduler thread.
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import time
 
 from block_sgl import protocol as p
+from block_sgl.hooks import capture
 from block_sgl.hooks.flags import HookSettings, parse_endpoint
 from block_sgl.hooks.publisher import Deferred, Publisher, PublisherError
 
@@ -54,53 +54,32 @@ def endpoints_for_rank(publish: str, dp_rank: int) -> tuple[str, str]:
             f"tcp://{host}:{port + p.REPLAY_PORT_OFFSET + dp_rank}")
 
 
-_OUTPUT = operator.attrgetter("output_ids")
-_FINISHED_REASON = operator.attrgetter("finished_reason")
-_CACHED = operator.attrgetter("cached_tokens")
-_PREFIX = operator.attrgetter("prefix_len")
-_is = operator.is_
 _EMPTY_LIST: list = []
+_NOTHING = (_EMPTY_LIST, _EMPTY_LIST, _EMPTY_LIST)
 _EMPTY_COLUMNS = p.RequestColumns()
 """Shared by every snapshot with an empty group (nothing mutates a published message)."""
-
-
-def _static_row(req) -> tuple:
-    # The row holds req: while its id() is a key of the row dict, no other object can have it.
-    params = req.sampling_params
-    return (req.rid, len(req.origin_input_ids), params.max_new_tokens, bool(params.ignore_eos), req)
 
 
 class _Group:
     """The static columns (rid, input_len, max_new_tokens, ignore_eos) of one group of requests
     (running, waiting or chunked), kept from one snapshot to the next."""
 
-    __slots__ = ("reqs", "ids", "rows", "static")
+    __slots__ = ("reqs", "rows", "static")
 
     def __init__(self):
-        self.reqs: list = []    # the requests behind ``static`` (held: `is` comparisons stay sound)
-        self.ids: list = []     # their id()s and static rows, to rebuild the shared dict after a
-        self.rows: list = []    # change
+        self.reqs: list = _EMPTY_LIST  # the requests behind ``static`` (held: `is` stays sound)
+        self.rows: dict = {}           # id(req) -> static row, for exactly these requests
         self.static: tuple = (_EMPTY_LIST,) * 4
 
-    def update(self, reqs: list, rows: dict) -> bool:
-        """Make ``static`` describe ``reqs`` (a list nobody mutates); True if they changed."""
-        if not reqs:
-            changed = bool(self.reqs)
-            self.reqs = self.ids = self.rows = _EMPTY_LIST
-            return changed
-        if len(reqs) == len(self.reqs) and all(map(_is, reqs, self.reqs)):
-            return False
-        ids = list(map(id, reqs))
-        got = list(map(rows.get, ids))
-        if not all(got):
-            for i, row in enumerate(got):
-                if row is None:
-                    req = reqs[i]
-                    got[i] = rows[id(req)] = _static_row(req)
-        rid, input_len, max_new, ignore_eos, _ = map(list, zip(*got))
-        self.static = (rid, input_len, max_new, ignore_eos)
-        self.reqs, self.ids, self.rows = reqs, ids, got
-        return True
+    def update(self, reqs: list, sources: tuple) -> None:
+        """Make ``static`` describe ``reqs`` (a list nobody mutates), reusing the rows of
+        ``sources`` (every group's rows as of the previous snapshot: requests move between
+        groups)."""
+        if capture.same_requests(reqs, self.reqs):
+            return
+        rows: dict = {}
+        self.static = capture.gather_static(reqs, sources, rows)
+        self.reqs, self.rows = reqs, rows  # releases the rows of requests no longer here
 
 
 class _SnapshotAssembler:
@@ -111,37 +90,27 @@ class _SnapshotAssembler:
     columns are reused while it holds the same requests in the same order."""
 
     def __init__(self):
-        self.rows: dict[int, tuple] = {}  # id(req) -> _static_row(req), for the requests held below
         self.groups = (_Group(), _Group(), _Group())  # running, waiting, chunked
 
+    @property
+    def rows(self) -> dict:
+        """id(req) -> static row of every request held (tests)."""
+        return {k: v for group in self.groups for k, v in group.rows.items()}
+
     def assemble(self, captured: tuple, fields: dict) -> p.Snapshot:
-        rows, columns, changed = self.rows, [], False
-        for group, (reqs, cached, prefix, output_len) in zip(self.groups, captured):
-            changed |= group.update(reqs, rows)
+        columns = []
+        sources = tuple(group.rows for group in self.groups)
+        for group, (reqs, prefix_len, output_len) in zip(self.groups, captured):
+            group.update(reqs, sources)
             if reqs:
-                prefix_len = [q if q > c else c for c, q in zip(cached, prefix)]  # max(c, q)
                 rid, input_len, max_new, ignore_eos = group.static
                 columns.append(p.RequestColumns(
                     rid=rid, input_len=input_len, prefix_len=prefix_len, output_len=output_len,
                     max_new_tokens=max_new, ignore_eos=ignore_eos))
             else:
                 columns.append(_EMPTY_COLUMNS)
-        if changed:  # keep only the rows of the requests held now (releases finished ones)
-            rows = self.rows = {}
-            for group in self.groups:
-                rows.update(zip(group.ids, group.rows))
         running, waiting, chunked = columns
         return p.Snapshot(running=running, waiting=waiting, chunked=chunked, **fields)
-
-
-def _capture(reqs: list) -> tuple:
-    """On the scheduler thread: what changes while a request lives, read now — each attribute
-    in one C-level pass (the max of cached_tokens and prefix_len is left to the publisher
-    thread: a Python-level comprehension here cost as much as the three passes together)."""
-    if not reqs:
-        return _EMPTY_LIST, _EMPTY_LIST, _EMPTY_LIST, _EMPTY_LIST
-    return (reqs, list(map(_CACHED, reqs)), list(map(_PREFIX, reqs)),
-            list(map(len, map(_OUTPUT, reqs))))
 
 
 class _CapturedSnapshot(Deferred):
@@ -334,16 +303,13 @@ class SchedulerTap:
             seen = {r.rid for r in running}
             running = list(running) + [r for r in last.reqs if r.rid not in seen
                                        and r is not chunked and not r.finished()]
-        # Req.finished() is ``finished_reason is not None`` (schedule_batch.py); read the
-        # attribute for all in one C-level pass. Always a new list: SGLang mutates its own in
-        # place after this returns, and the publisher thread reads ours later.
-        reasons = list(map(_FINISHED_REASON, running))
-        if reasons.count(None) != len(reasons):
-            running = [r for r, f in zip(running, reasons) if f is None]
-        elif running is scheduler.running_batch.reqs:
-            running = list(running)
-        captured = (_capture(running), _capture(list(scheduler.waiting_queue)),
-                    _capture([chunked] if chunked is not None else _EMPTY_LIST))
+        # One C loop per list (block_sgl._capture): the finished filter, max(cached_tokens,
+        # prefix_len) and len(output_ids); always new lists, since SGLang mutates its own in
+        # place after this returns and the publisher thread reads ours later.
+        waiting = scheduler.waiting_queue
+        captured = (capture.capture_requests(running if type(running) is list else list(running), True),
+                    capture.capture_requests(waiting if type(waiting) is list else list(waiting), False),
+                    capture.capture_requests([chunked], False) if chunked is not None else _NOTHING)
         return _CapturedSnapshot(self, captured, dict(
             instance_id=self.instance_id, time=time.time(), forward_ct=int(scheduler.forward_ct),
             chunked_rid=chunked.rid if chunked is not None else None,

@@ -1,9 +1,13 @@
-"""SchedulerTap's incremental snapshot building (no SGLang): same messages as a plain rebuild."""
+"""SchedulerTap's incremental snapshot building (no SGLang): same messages as a plain rebuild,
+with the compiled capture (``block_sgl._capture``) and with its pure-Python specification."""
 
 import random
 import types
 
+import pytest
+
 from block_sgl import protocol as p
+from block_sgl.hooks import capture
 from block_sgl.hooks.flags import HookSettings
 from block_sgl.hooks.publisher import Publisher
 from block_sgl.hooks.scheduler import SchedulerTap
@@ -63,6 +67,17 @@ def reference_groups(sched):
     running = [r for r in running if not r.finished()]
     return (reference_columns(running), reference_columns(sched.waiting_queue),
             reference_columns([chunked] if chunked is not None else []))
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def capture_implementation(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setattr(capture, "capture_requests", capture.capture_requests_py)
+        monkeypatch.setattr(capture, "same_requests", capture.same_requests_py)
+        monkeypatch.setattr(capture, "gather_static", capture.gather_static_py)
+    elif capture.implementation() != "compiled":
+        pytest.skip("the pure-Python capture was requested (BLOCK_SGL_CAPTURE_PURE=1)")
+    return request.param
 
 
 def scheduler():
