@@ -239,8 +239,8 @@ def test_a_drift_storm_refits_at_most_twice_per_interval():
 
 def test_batched_nnls_equals_the_subset_loop():
     """``_nnls_gram`` (15 subset systems in one batched solve) gives the one-subset-at-a-time
-    search's answer, feasible and infeasible problems alike, and falls back to it on singular
-    systems (a column that is all zero)."""
+    search's answer, feasible and infeasible problems alike, also on singular systems (a column
+    that is all zero; collinear columns: every step the same shape), without calling the loop."""
     from block_sgl.predictor.perf_model import _nnls_gram, _nnls_gram_subsets
 
     rng = np.random.default_rng(61)
@@ -254,8 +254,28 @@ def test_batched_nnls_equals_the_subset_loop():
         assert np.all(x >= 0)
         np.testing.assert_allclose(x, _nnls_gram_subsets(g, h, bb), rtol=1e-9, atol=1e-12)
     assert infeasible > 100  # the subset search was exercised
-    a = rng.normal(size=(20, 4))
-    a[:, 2] = 0.0  # singular: no such steps in the window
-    b = -a[:, 0] + a[:, 1]
-    g, h, bb = a.T @ a, a.T @ b, float(b @ b)
-    np.testing.assert_allclose(_nnls_gram(g, h, bb), _nnls_gram_subsets(g, h, bb), atol=1e-12)
+    singular = []
+    for _ in range(200):
+        a = rng.normal(size=(20, 4)) * rng.uniform(0.01, 10, 4)
+        a[:, rng.integers(4)] = 0.0  # no such steps in the window
+        b = rng.normal(size=20) + a[:, 0] - a[:, 1]
+        singular.append((a, b))
+        a = np.column_stack([np.ones(20), np.full(20, 7.0), rng.uniform(1, 9, 20), np.zeros(20)])
+        singular.append((a, a[:, 2] * rng.uniform(-1, 1) + rng.normal(size=20)))  # collinear
+    reference = [_nnls_gram_subsets(a.T @ a, a.T @ b, float(b @ b)) for a, b in singular]
+    import block_sgl.predictor.perf_model as pm
+
+    def no_loop(*args):
+        raise AssertionError("the subset loop ran")
+
+    original, pm._nnls_gram_subsets = pm._nnls_gram_subsets, no_loop
+    try:
+        for (a, b), expected in zip(singular, reference):
+            g, h, bb = a.T @ a, a.T @ b, float(b @ b)
+            x = _nnls_gram(g, h, bb)
+            loss = lambda v: float(v @ g @ v - 2 * v @ h + bb)  # noqa: E731
+            assert np.all(x >= 0)
+            assert loss(x) <= loss(expected) + 1e-9 * max(bb, 1.0)
+            np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-9)
+    finally:
+        pm._nnls_gram_subsets = original
