@@ -294,6 +294,13 @@ def predict_packed(state_arrays: list, candidates: np.ndarray, coeffs: list, out
     return _kernel.simulate_many(state_arrays, list(candidates), coeffs, out, workspace)
 
 
+def predict_rows(state_arrays: list, candidate_rows: list, coeffs: list, out: np.ndarray,
+                 workspace=None) -> np.ndarray:
+    """``predict_packed`` with the candidates given as a list of K int64 ``(5,)`` arrays (e.g.
+    the rows of a reused ``(K, 5)`` buffer), as the kernel takes them."""
+    return _kernel.simulate_many(state_arrays, candidate_rows, coeffs, out, workspace)
+
+
 def predict_many(states: Sequence[InstanceState], candidates, step_models, *,
                  out: np.ndarray | None = None, workspace=None) -> np.ndarray:
     """One candidate against K instances. ``candidates``: one ``Candidate`` for all or one per

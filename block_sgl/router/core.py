@@ -142,6 +142,7 @@ class Router:
         self.subscriber = None
         self._subscriber_factory = subscriber_factory
         self._workspace = fastsim.new_workspace()
+        self._buffers: dict[int, tuple] = {}  # K -> _candidate_buffers (decisions run on one thread)
         self._profile_models: dict[tuple, StepModel] = {}
         self.completed_output_tokens = 0
         self.completed_requests = 0
@@ -360,33 +361,48 @@ class Router:
         st = worker.stream
         return st.hello.page_size if st is not None and st.hello is not None else None
 
-    def cached_prefix_tokens(self, worker: Worker, hashes_by_size: dict, now_mono: float) -> int:
-        size = self._page_size(worker)
-        if size is None or size not in hashes_by_size:
-            return 0
-        hashes = hashes_by_size[size]
-        matched = self.prefix_index.matched_pages(worker.endpoint, hashes) if worker.endpoint else 0
-        spec = hashes.leading_unexpired(worker.speculative, now_mono) if worker.speculative else 0
-        return max(matched, spec) * size
-
     def view(self, worker: Worker, request: RequestView, hashes_by_size: dict, now: float,
              now_mono: float) -> tuple[InstanceView, object]:
-        st = worker.stream
-        stale = st is None or st.is_stale(self.config.stale_after_s, now_mono)
-        snap = self._sync_snapshot(worker, now)
-        if snap is not None and not stale:
-            running, waiting, queued, used, free, total = worker._load
-        else:
-            running = waiting = queued = used = 0
-            total = free = st.hello.max_total_num_tokens if st is not None and st.hello else 0
-        cached = self.cached_prefix_tokens(worker, hashes_by_size, now_mono) \
-            if request.input_len else 0
-        in_flight = running + waiting + len(worker.pending) if self.config.completions_from_stream \
-            else worker.in_flight
-        v = InstanceView(worker.index, worker.url, stale, in_flight, running,
-                         waiting + len(worker.pending), queued + worker._pending_queued, used,
-                         free, total, min(cached, max(request.input_len - 1, 0)))
-        return v, snap
+        return self.views([worker], request, hashes_by_size, now, now_mono)[0]
+
+    def views(self, workers: list[Worker], request: RequestView, hashes_by_size: dict,
+              now: float, now_mono: float) -> list[tuple[InstanceView, object]]:
+        """(InstanceView, snapshot) per worker. One loop with the per-worker steps inlined:
+        this runs for every instance on every decision (``benchmarks/micro/bench_router.py``)."""
+        stale_after = self.config.stale_after_s
+        from_stream = self.config.completions_from_stream
+        input_len = request.input_len
+        max_cached = max(input_len - 1, 0)
+        index = self.prefix_index
+        out = []
+        for worker in workers:
+            st = worker.stream
+            stale = st is None or st.snapshot is None \
+                or now_mono - st.last_message_at > stale_after
+            snap = self._sync_snapshot(worker, now)
+            hello = st.hello if st is not None else None
+            if snap is not None and not stale:
+                running, waiting, queued, used, free, total = worker._load
+            else:
+                running = waiting = queued = used = 0
+                total = free = hello.max_total_num_tokens if hello is not None else 0
+            cached = 0
+            if input_len and hello is not None:
+                hashes = hashes_by_size.get(hello.page_size)
+                if hashes is not None:  # the longest run of leading pages held or just sent
+                    matched = index.matched_pages(worker.endpoint, hashes) \
+                        if worker.endpoint else 0
+                    if worker.speculative:
+                        matched = max(matched, hashes.leading_unexpired(worker.speculative,
+                                                                        now_mono))
+                    cached = min(matched * hello.page_size, max_cached)
+            pending = len(worker.pending)
+            out.append((InstanceView(
+                worker.index, worker.url, stale,
+                running + waiting + pending if from_stream else worker.in_flight, running,
+                waiting + pending, queued + worker._pending_queued, used, free, total, cached),
+                snap))
+        return out
 
     # -- decision -----------------------------------------------------------------------------
     def request_view(self, *, text: str, token_ids: list[int] | None, max_new_tokens: int,
@@ -412,7 +428,7 @@ class Router:
                 size = self._page_size(w)
                 if size and size not in hashes_by_size:
                     hashes_by_size[size] = PromptPages(token_ids, size)
-        pairs = [self.view(w, request, hashes_by_size, now, now_mono) for w in candidates]
+        pairs = self.views(candidates, request, hashes_by_size, now, now_mono)
         views = [v for v, _ in pairs]
         if self.policy.needs_prediction:
             views = self._predict(request, candidates, pairs, now)
@@ -443,7 +459,7 @@ class Router:
         if k and k < len(workers):
             best_prefix = max(range(len(workers)), key=lambda i: pairs[i][0].cached_prefix_tokens)
             chosen = sorted(set(self._rng.sample(range(len(workers)), k)) | {best_prefix})
-        arrays, coeffs, idx = [], [], []
+        arrays, coeffs, scored = [], [], []
         for i in chosen:
             w, (v, snap) = workers[i], pairs[i]
             state_arrays = self._fastsim_arrays(w, snap, v.stale, now)
@@ -451,22 +467,29 @@ class Router:
                 continue
             arrays.append(state_arrays)
             coeffs.append(w.coeff_array())
-            idx.append(i)
+            scored.append(v)
         views = [pairs[i][0] for i in chosen]
         if not arrays:
             return views
-        cands = np.empty((len(idx), 5), dtype=np.int64)
+        cands, rows, out = self._candidate_buffers(len(scored))
         cands[:, 0] = request.input_len
-        cands[:, 1] = [pairs[i][0].cached_prefix_tokens for i in idx]
+        cands[:, 1] = [v.cached_prefix_tokens for v in scored]
         cands[:, 2] = request.pred_output_len
         cands[:, 3] = request.max_new_tokens
         cands[:, 4] = int(request.ignore_eos)
-        out = fastsim.predict_packed(arrays, cands, coeffs, np.empty((len(idx), 3)),
-                                     self._workspace)
-        for row, i in zip(out.tolist(), idx):
-            v = pairs[i][0]
-            v.predicted_ttft_s, v.predicted_e2e_s = row[0], row[1]
+        fastsim.predict_rows(arrays, rows, coeffs, out, self._workspace)
+        for v, (ttft, e2e, _) in zip(scored, out.tolist()):
+            v.predicted_ttft_s, v.predicted_e2e_s = ttft, e2e
         return views
+
+    def _candidate_buffers(self, k: int) -> tuple[np.ndarray, list, np.ndarray]:
+        """Reused per K: the (K, 5) candidate array, its rows as views (the kernel's input:
+        making K row objects per decision cost ~4 µs at K = 16) and the (K, 3) output."""
+        buffers = self._buffers.get(k)
+        if buffers is None:
+            cands = np.zeros((k, 5), dtype=np.int64)
+            buffers = self._buffers[k] = (cands, list(cands), np.empty((k, 3)))
+        return buffers
 
     # -- bookkeeping --------------------------------------------------------------------------
     def dispatched(self, decision: Decision) -> int:

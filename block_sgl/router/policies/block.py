@@ -4,7 +4,7 @@ simulating each candidate instance's scheduler with the request added (``core.py
 
 from __future__ import annotations
 
-import math
+import operator
 from typing import Sequence
 
 from block_sgl.router.policies.base import InstanceView, RequestView
@@ -17,12 +17,12 @@ class Block:
     objective = "predicted_e2e_s"
 
     def pick(self, request: RequestView, instances: Sequence[InstanceView]) -> int:
-        def key(v: InstanceView):
-            value = getattr(v, self.objective)
-            # An instance fastsim could not score (NaN) ranks after every scored one.
-            return (math.isnan(value), value if not math.isnan(value) else 0.0, v.in_flight,
-                    v.index)
-        return min(instances, key=key).index
+        objective = operator.attrgetter(self.objective)
+        # Smallest objective, then fewest in flight, then lowest index; an instance fastsim
+        # could not score (NaN: x != x) ranks after every scored one. One tuple per instance
+        # in a comprehension (a key function cost ~1.4 µs per instance here).
+        return min([(x != x, x if x == x else 0.0, v.in_flight, v.index)
+                    for v in instances for x in (objective(v),)])[3]
 
     def on_complete(self, instance_index: int, request: RequestView) -> None:
         return None
