@@ -285,19 +285,13 @@ def predict(state: InstanceState, candidate: Candidate, step_model, *, workspace
                                         workspace, step_by_step, *a[5:]))
 
 
-def predict_packed(state_arrays: list, candidates: np.ndarray, coeffs: list, out: np.ndarray,
-                   workspace=None) -> np.ndarray:
-    """The hot-path form of ``predict_many`` for callers that keep packed inputs: each
-    ``state_arrays[i]`` is an ``InstanceState.arrays``, ``candidates`` an int64 C-contiguous
-    ``(K, 5)`` array of ``Candidate`` rows, ``coeffs[i]`` a float64 array of 5 coefficients.
-    Inputs are validated by the kernel as in ``predict_many``."""
-    return _kernel.simulate_many(state_arrays, list(candidates), coeffs, out, workspace)
-
-
 def predict_rows(state_arrays: list, candidate_rows: list, coeffs: list, out: np.ndarray,
                  workspace=None) -> np.ndarray:
-    """``predict_packed`` with the candidates given as a list of K int64 ``(5,)`` arrays (e.g.
-    the rows of a reused ``(K, 5)`` buffer), as the kernel takes them."""
+    """The hot-path form of ``predict_many`` for callers that keep packed inputs (the router):
+    each ``state_arrays[i]`` is an ``InstanceState.arrays``, ``candidate_rows[i]`` an int64
+    ``(5,)`` array (``Candidate.packed``; e.g. the rows of a reused ``(K, 5)`` buffer),
+    ``coeffs[i]`` a float64 array of 5 coefficients. Inputs are validated by the kernel as in
+    ``predict_many``."""
     return _kernel.simulate_many(state_arrays, candidate_rows, coeffs, out, workspace)
 
 

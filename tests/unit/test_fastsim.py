@@ -265,6 +265,21 @@ def test_predict_many_matches_predict():
         predict_many(states, cands[:1], M)
 
 
+def test_predict_rows_over_a_reused_buffer_matches_predict_many():
+    """The router's form: candidate rows are views of one (K, 5) buffer refilled per decision."""
+    states = [idle(), InstanceState(CFG, rows(8, out=3), rows(5), free_kv_tokens=150_000)]
+    buffer = np.zeros((2, 5), dtype=np.int64)
+    row_views, out, ws = list(buffer), np.empty((2, 3)), fs.new_workspace()
+    coeffs = [M.as_array(), M.as_array()]
+    for cands in ([Candidate(1000, 0, 10, 100), Candidate(1000, 500, 10, 100)],
+                  [Candidate(300, 16, 200, 256, True), Candidate(4000, 0, 1, 1)]):
+        buffer[:] = [c.packed for c in cands]
+        got = fs.predict_rows([s.arrays for s in states], row_views, coeffs, out, ws)
+        assert np.array_equal(got, predict_many(states, cands, M))
+    with pytest.raises(ValueError, match="need K each"):
+        fs.predict_rows([s.arrays for s in states], row_views[:1], coeffs, out, ws)
+
+
 def test_workspace_reuse_gives_the_same_answer():
     ws = fs.new_workspace()
     state = InstanceState(CFG, rows(30, out=3), rows(10), free_kv_tokens=150_000)
