@@ -1,6 +1,8 @@
-"""Build the Cython extensions block_sgl._fastsim, block_sgl._page_hash and block_sgl._capture
-(metadata lives in pyproject.toml). ``_page_hash`` calls OpenSSL's SHA256 (libcrypto, which
-CPython's hashlib already uses): its headers come with Debian's ``libssl-dev`` (``openssl-devel`` elsewhere)."""
+"""Build the Cython extensions block_sgl._fastsim, block_sgl._page_hash, block_sgl._capture and
+block_sgl._features (metadata lives in pyproject.toml). ``_page_hash`` calls OpenSSL's SHA256
+(libcrypto, which CPython's hashlib already uses): its headers come with Debian's ``libssl-dev``
+(``openssl-devel`` elsewhere). ``_features`` calls zlib's crc32 (the library CPython's zlib
+module uses): headers in ``zlib1g-dev`` (``zlib-devel``)."""
 import os
 import sysconfig
 
@@ -31,6 +33,14 @@ extensions = [
         extra_compile_args=["-O3"],
     ),
     Extension("block_sgl._capture", ["block_sgl/_capture.pyx"], extra_compile_args=["-O3"]),
+    # zlib: the crc32 that zlib.crc32 calls (the n-gram word hashes). No fused multiply-adds:
+    # the features must round exactly as the pure-Python specification's do.
+    Extension(
+        "block_sgl._features",
+        ["block_sgl/_features.pyx"],
+        libraries=["z"],
+        extra_compile_args=["-O3", "-ffp-contract=off"],
+    ),
     Extension(
         "block_sgl._page_hash",
         ["block_sgl/_page_hash.pyx"],

@@ -83,9 +83,21 @@ if [ ! -f /usr/include/openssl/sha.h ] && [ -z "${OPENSSL_INCLUDE_DIR:-}" ]; the
   fi
 fi
 
-step "installing block_sgl in editable mode with its dependencies (builds block_sgl/_fastsim, block_sgl/_page_hash, block_sgl/_capture)"
+# block_sgl/_features links zlib (the crc32 of CPython's zlib module); headers: zlib1g-dev.
+if [ ! -f /usr/include/zlib.h ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    step "installing zlib headers (apt-get install zlib1g-dev)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q zlib1g-dev >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q zlib1g-dev >/dev/null; }
+  else
+    echo "[setup] WARNING: zlib headers (zlib.h) not in /usr/include: the build of" \
+         "block_sgl/_features needs them (zlib1g-dev or zlib-devel)" >&2
+  fi
+fi
+
+step "installing block_sgl in editable mode with its dependencies (builds block_sgl/_fastsim, block_sgl/_page_hash, block_sgl/_capture, block_sgl/_features)"
 $PIP install -q --no-build-isolation -e .
-$PY -c "import block_sgl._fastsim as f, block_sgl._page_hash as h, block_sgl._capture as c; print('[setup] compiled extensions:', f.__file__, h.__file__, c.__file__)"
+$PY -c "import block_sgl._fastsim as f, block_sgl._page_hash as h, block_sgl._capture as c, block_sgl._features as ft; print('[setup] compiled extensions:', f.__file__, h.__file__, c.__file__, ft.__file__)"
 
 SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 PTH="$SITE/block_sgl_cpu_shim.pth"

@@ -14,9 +14,11 @@ MAE baselines). Also the P90's coverage (fraction of responses <= P90; ideally 0
 and the per-request inference time: the median wall time of single-request
 ``LengthPredictor.predict`` calls (features + trees, one Python thread, no batching) on held-out
 prompts, the median thread CPU time of the same calls, the amortised per-request time of
-``predict_batch``, and a reference (CPU µs of ``sum(range(1000))``, before and after) that
-tells how fast this machine ran Python at the time. Also reported apart: the figures on the
-held-out prompts whose text does not occur among the training prompts.
+``predict_batch``, the split of a call into features and trees for the compiled path and its
+pure-Python twin side by side (``inference_split_us``), and a reference (CPU µs of
+``sum(range(1000))``, before and after) that tells how fast this machine ran Python at the time.
+Also reported apart: the figures on the held-out prompts whose text does not occur among the
+training prompts.
 
 The last stdout line (``--json``) is a JSON object; it is also written to ``--output``.
 """
@@ -24,6 +26,7 @@ The last stdout line (``--json``) is a JSON object; it is also written to ``--ou
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -35,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from block_sgl.predictor.features import FeatureConfig
+from block_sgl.predictor.features import FeatureConfig, PurePromptFeaturizer, implementation
 from block_sgl.predictor.length import LengthModelConfig, LengthPredictor
 from block_sgl.predictor.train_length import (LabelledData, SplitSpec, labelled_sharegpt,
                                               load_tokenizer, train_on)
@@ -97,6 +100,50 @@ def time_single_requests(model: LengthPredictor, prompts, tokens, *, n: int, rep
     return np.asarray(wall) * 1e-9, np.asarray(cpu) * 1e-9
 
 
+def python_twin(model: LengthPredictor) -> LengthPredictor:
+    """A shallow copy of ``model`` that predicts with the pure-Python featurizer and the
+    generated Python trees (the specifications of the compiled ones): same predictions."""
+    twin = copy.copy(model)
+    twin.featurizer = PurePromptFeaturizer(model.feature_config, model._gram_weights)
+    twin.ensemble = copy.copy(model.ensemble)
+    twin.ensemble.predict2 = model.ensemble.predict2_python
+    return twin
+
+
+def time_inference_split(model: LengthPredictor, prompts, tokens, *, n: int,
+                         repeats: int) -> dict:
+    """Median wall µs per call of the parts of ``predict`` on the first ``n`` prompts:
+    ``features`` (``featurizer.transform_row``), ``trees`` (``ensemble.predict2`` of the
+    prompt's row) and the whole ``predict``, for the model as loaded ("compiled" unless
+    BLOCK_SGL_FEATURES_PURE=1) and for its ``python_twin``. Each (part, variant) is timed in
+    its own pass over the prompts, as ``time_single_requests`` times ``predict``; the passes
+    alternate between the variants, ``repeats`` rounds, so that both see the same load."""
+    n = min(n, len(prompts))
+    prompts, tokens = prompts[:n], [float(t) for t in tokens[:n]]
+    variants = {"python": python_twin(model)}
+    if implementation() == "compiled":
+        variants = {"compiled": model, **variants}
+    rows = [model.featurizer.transform_row(p, t) for p, t in zip(prompts, tokens)]
+    calls = {"features": lambda m: (m.featurizer.transform_row, list(zip(prompts, tokens))),
+             "trees": lambda m: (m.ensemble.predict2, [(r,) for r in rows]),
+             "predict": lambda m: (m.predict, list(zip(prompts, tokens)))}
+    clock = time.perf_counter_ns
+    times = {name: {part: [] for part in calls} for name in variants}
+    for rep in range(repeats + 1):  # the first round warms up (the Python word cache too)
+        for part, call in calls.items():
+            for name, m in variants.items():
+                fn, args = call(m)
+                out = times[name][part]
+                for a in args:
+                    t0 = clock()
+                    fn(*a)
+                    t1 = clock()
+                    if rep:
+                        out.append(t1 - t0)
+    return {name: {f"{part}_us": float(np.median(v)) / 1e3 for part, v in parts.items()}
+            for name, parts in times.items()}
+
+
 def reference_cpu_us(repeats: int = 7, n: int = 300) -> float:
     """Thread CPU µs of ``sum(range(1000))`` (best of ``repeats``): how fast this Python runs
     here and now, to compare inference times taken on different or differently loaded
@@ -136,6 +183,7 @@ def evaluate(model: LengthPredictor, data: LabelledData, split: SplitSpec, *, ti
     ref_before = reference_cpu_us()
     times, cpu_times = time_single_requests(model, prompts, tokens, n=timing_n,
                                             repeats=timing_repeats)
+    split = time_inference_split(model, prompts, tokens, n=timing_n, repeats=timing_repeats)
     load_after = os.getloadavg()[0]
     ref_after = reference_cpu_us()
     # How many held-out prompts occur verbatim among the training prompts (not a leak of
@@ -163,12 +211,17 @@ def evaluate(model: LengthPredictor, data: LabelledData, split: SplitSpec, *, ti
         "inference_us_p90": float(np.percentile(times, 90) * 1e6),
         "inference_us_p99": float(np.percentile(times, 99) * 1e6),
         "inference_cpu_us": float(np.median(cpu_times) * 1e6),
+        "inference_split_us": split,
+        "inference_implementation": implementation(),
         "reference_sum_range_1000_cpu_us": [ref_before, ref_after],
         "batch_inference_us_per_request": batch_s / len(test) * 1e6,
         "timing": (f"single-request LengthPredictor.predict (features + trees) on "
                    f"{min(timing_n, len(test))} held-out prompts x {timing_repeats} passes; "
                    f"inference_us = median wall time, inference_cpu_us = median thread CPU "
-                   f"time; one Python thread; {platform.processor() or platform.machine()}, "
+                   f"time; inference_split_us: median wall µs of the parts (features = "
+                   f"transform_row, trees = predict2, predict) of the compiled path and of its "
+                   f"pure-Python twin, same prompts, alternating passes; "
+                   f"one Python thread; {platform.processor() or platform.machine()}, "
                    f"{os.cpu_count()} CPUs, load average {load_before:.2f} before timing, "
                    f"{load_after:.2f} after"),
         "label": "first gpt response tokens (bench_serving convention, no special tokens)",
@@ -246,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"P90 coverage {result['p90_coverage']:.3f}; inference "
               f"{result['inference_us']:.1f} us/request (median wall time, single calls; "
               f"CPU time {result['inference_cpu_us']:.1f} us)")
+        for name, parts in result["inference_split_us"].items():
+            print(f"{name:9s} " + "  ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     return 0
 
 

@@ -24,14 +24,20 @@ Cost is bounded whatever the prompt size: the only passes over all the text are 
 first ``head_chars`` and last ``tail_chars`` characters: where instructions are) and the last
 ``context_chars`` of the context, with bytes methods (C speed); plain Python runs once per
 n-gram word (one dict lookup for its hash, one multiply for a bigram) and numpy is called
-three times (gather and sum the n-gram weights). See ``block_sgl/predictor/README.md`` for the
-measured costs.
+three times (gather and sum the n-gram weights).
+
+``PromptFeaturizer`` is ``CompiledPromptFeaturizer``: the same work in C
+(``block_sgl._features.FeatureKernel``, same float32 vectors bit for bit), whose specification
+is ``PurePromptFeaturizer``; ``BLOCK_SGL_FEATURES_PURE=1`` selects the pure one (debugging; a
+missing build is an ImportError). See ``block_sgl/predictor/README.md`` for the measured costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from array import array
 import zlib
 from typing import Any, Sequence
@@ -226,8 +232,11 @@ _F1, _F2, _F3, _L2, _PC = (_h("F1:"), _h("F2:"), _h("F3:"), _h("L2:"), _h("P:"))
 _BIAS_GRAM, _CONTEXT_GRAM = _h("<bias>"), _h("<context>")
 
 
-class PromptFeaturizer:
+class PurePromptFeaturizer:
     """Turns prompts into fixed-width float32 feature vectors (see the module docstring).
+
+    The pure-Python specification of ``PromptFeaturizer`` (the compiled one, unless
+    ``BLOCK_SGL_FEATURES_PURE=1``: see the end of this module).
 
     ``gram_weights``: the fitted linear n-gram models, shape ``(len(gram_targets),
     2 ** gram_bits + 1)`` (bucket weights, then the intercept); without them the
@@ -265,8 +274,12 @@ class PromptFeaturizer:
 
     def _analyze(self, prompt: Any, prompt_tokens: Any) -> tuple[list[float], list[int]]:
         """(the features before the gram scores, as a list; the prompt's n-gram buckets)."""
+        return self._analyze_texts(_texts(prompt), prompt_tokens)
+
+    def _analyze_texts(self, texts: list[str], prompt_tokens: Any
+                       ) -> tuple[list[float], list[int]]:
+        """``_analyze`` of the prompt's message texts (``_texts(prompt)``)."""
         cfg = self.config
-        texts = _texts(prompt)
         turns = len(texts)
         last = texts[-1] if texts else ""
         try:
@@ -435,3 +448,49 @@ class PromptFeaturizer:
                 if self._weights is not None:
                     self._gram_scores(grams, x[i, self.gram_score_start:])
         return x, vectors
+
+
+class CompiledPromptFeaturizer(PurePromptFeaturizer):
+    """``PurePromptFeaturizer`` with its per-prompt work (``_analyze`` and ``transform_row``:
+    texts, counts, word hashes, n-gram score sums) in C: ``block_sgl._features.FeatureKernel``,
+    whose specification is the pure class (same values, bit for bit). Training and batch paths
+    (``transform``, ``transform_with_grams``) inherit the compiled ``_analyze``."""
+
+    def __init__(self, config: FeatureConfig | None = None, gram_weights=None):
+        if COMPILED_EXTENSION is None:
+            raise RuntimeError(f"{PURE_ENV}=1: the compiled featurizer is switched off")
+        super().__init__(config, gram_weights)
+        self._kernel = COMPILED_EXTENSION.FeatureKernel(self, sys.modules[__name__])
+
+    def _analyze(self, prompt: Any, prompt_tokens: Any) -> tuple[list[float], list[int]]:
+        return self._kernel.analyze(prompt, prompt_tokens)
+
+    def transform_row(self, prompt: Any, prompt_tokens: float) -> array:
+        return self._kernel.row(prompt, prompt_tokens)
+
+
+PURE_ENV = "BLOCK_SGL_FEATURES_PURE"
+
+
+def implementation() -> str:
+    """``"compiled"`` or ``"python"`` (``BLOCK_SGL_FEATURES_PURE=1``): which featurizer (and
+    which tree evaluator, ``length.TreeEnsemble.predict2``) the length predictor runs."""
+    return "python" if COMPILED_EXTENSION is None else "compiled"
+
+
+# The selector. The compiled extension module (``block_sgl._features``: featurizer and trees),
+# or None when the pure-Python twins are requested (debugging). A missing build is an
+# ImportError, never a silent fallback to the slower code.
+if os.environ.get(PURE_ENV) == "1":
+    COMPILED_EXTENSION = None
+    PromptFeaturizer = PurePromptFeaturizer
+else:
+    try:
+        from block_sgl import _features as COMPILED_EXTENSION
+    except ImportError as exc:
+        raise ImportError(
+            "block_sgl._features (the compiled length-predictor featurizer and trees) is not "
+            "built. Build it with `pip install -e . --no-build-isolation` or `python setup.py "
+            f"build_ext --inplace` (needs zlib's headers: zlib1g-dev); set {PURE_ENV}=1 to run "
+            "the pure-Python twin instead.") from exc
+    PromptFeaturizer = CompiledPromptFeaturizer

@@ -13,10 +13,13 @@ The P50 is the point prediction (MAE is minimised by the median).
 Inference does not call XGBoost (hundreds of µs per single row: thread pool, proxy DMatrix).
 At load the booster is compiled twice (``TreeEnsemble``): into numpy arrays (complete binary
 trees, level by level: ``predict_batch`` and the reference walk) and into generated Python code,
-one nested conditional expression per tree (``predict2``), which ``predict`` runs: for about a
-hundred depth-4 trees that costs less than the numpy walk's fixed ten numpy calls. Parity of
-both with ``Booster.predict`` is a unit test. See ``block_sgl/predictor/README.md`` for the
-measured costs.
+one nested conditional expression per tree (``predict2_python``): for about a hundred depth-4
+trees that costs less than the numpy walk's fixed ten numpy calls. ``predict`` runs
+``predict2``: by default the compiled twin of that code (``block_sgl._features.TreeKernel``, a C
+walk over the level arrays with the same sums), and the compiled featurizer
+(``features.CompiledPromptFeaturizer``); ``BLOCK_SGL_FEATURES_PURE=1`` runs the Python code
+instead. Parity with ``Booster.predict`` and between the twins are unit tests. See
+``block_sgl/predictor/README.md`` for the measured costs.
 
 Saved model = a directory with ``model.ubj`` (the XGBoost booster, UBJSON),
 ``gram_weights.npy`` (the n-gram models: ``(targets, 2 ** gram_bits + 1)`` float32) and
@@ -38,8 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from block_sgl.predictor.features import (GRAM_TARGETS, FeatureConfig, PromptFeaturizer,
-                                          _texts)
+from block_sgl.predictor.features import (COMPILED_EXTENSION, GRAM_TARGETS, FeatureConfig,
+                                          PromptFeaturizer, _texts)
 
 LENGTH_MODEL_SCHEMA = "block_sgl.length_model"
 LENGTH_MODEL_VERSION = 2
@@ -110,7 +113,9 @@ class TreeEnsemble:
     Leaves are vectors (one value per output), so both XGBoost layouts work: one tree per
     output (``tree_info`` = output) and multi-output trees (``size_leaf_vector`` > 1).
 
-    Python form (two outputs only): ``predict2``, generated code (see ``_compile_python``).
+    Python form (two outputs only): ``predict2_python``, generated code (see
+    ``_compile_python``); ``predict2`` is its compiled twin (C, ``block_sgl._features``) unless
+    ``BLOCK_SGL_FEATURES_PURE=1``.
 
     Routing follows XGBoost: go right iff ``x[feature] >= threshold`` in float32; inputs must
     not contain NaN (``features`` never produces one).
@@ -156,6 +161,7 @@ class TreeEnsemble:
         self.node_threshold = np.ascontiguousarray(
             np.concatenate(thr) if thr else np.zeros(0), dtype=np.float32)
         self._leaf_offset = n * ((1 << depth) - 1)
+        tree_leaves = leaf.copy()  # no base: the compiled predict2 adds it last, as Python does
         leaf[:1 << depth] += base  # the base score rides on the first tree's leaves
         self.leaf = np.concatenate([np.zeros((self._leaf_offset, n_out)), leaf])
         self.base = base
@@ -163,11 +169,21 @@ class TreeEnsemble:
         self._left = np.arange(self._leaf_offset, dtype=np.intp) * 2 + n
         # two outputs as one complex number: one take and one sum for both
         self._leaf2 = (self.leaf[:, 0] + 1j * self.leaf[:, 1]) if n_out == 2 else None
-        self.predict2 = _compile_python(parsed, base, self.n_features) if n_out == 2 else None
-        """For two outputs: ``predict2(x) -> complex(out0, out1)`` of one row ``x`` (a sequence
-        of ``n_features`` floats already rounded to float32, e.g. an ``array('f')``): the trees
-        as generated Python code, which for up to a few hundred trees costs less than the
-        numpy walk's fixed cost of ten numpy calls."""
+        self.predict2_python = (_compile_python(parsed, base, self.n_features) if n_out == 2
+                                else None)
+        """For two outputs: ``predict2_python(x) -> complex(out0, out1)`` of one row ``x`` (a
+        sequence of ``n_features`` floats already rounded to float32, e.g. an ``array('f')``):
+        the trees as generated Python code, which for up to a few hundred trees costs less than
+        the numpy walk's fixed cost of ten numpy calls. The specification of ``predict2``."""
+        self.predict2 = self.predict2_python
+        """``predict2_python``, or by default its compiled twin
+        (``block_sgl._features.TreeKernel``: the same walk over the level arrays in C, the
+        leaves summed in the same order, so the same doubles); ``BLOCK_SGL_FEATURES_PURE=1``
+        keeps the Python code."""
+        if n_out == 2 and COMPILED_EXTENSION is not None:
+            self.predict2 = COMPILED_EXTENSION.TreeKernel(
+                self.node_feature, self.node_threshold, np.ascontiguousarray(tree_leaves),
+                np.asarray(base, dtype=np.float64), n, depth, self.n_features).predict2
 
     def predict_margin(self, x: np.ndarray) -> np.ndarray:
         """Raw outputs (n_groups,) of one float32 feature row."""

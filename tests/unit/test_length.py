@@ -6,6 +6,7 @@ from array import array
 import numpy as np
 import pytest
 
+from block_sgl.predictor import features
 from block_sgl.predictor.eval_length import bucket_baseline, metrics, spearman
 from block_sgl.predictor.features import FeatureConfig, PromptFeaturizer, normalize_prompt
 from block_sgl.predictor.length import (GRAMS_FILE, LENGTH_MODEL_VERSION, METADATA_FILE, MODEL_FILE,
@@ -77,11 +78,25 @@ def test_compiled_trees_match_xgboost(data, multi_output):
     ref = xgb.Booster(model_file=bytearray(m._raw)).predict(xgb.DMatrix(x), output_margin=True)
     np.testing.assert_allclose(m.ensemble.predict_margin_batch(x), ref, atol=1e-4)
     np.testing.assert_allclose(m.ensemble.predict_margin(x[3]), ref[3], atol=1e-4)
-    # the generated Python code (what predict runs) and the numpy walk agree on every row
-    py = np.array([m.ensemble.predict2(array("f", row)) for row in x])
+    # the generated Python code and the numpy walk agree on every row, and predict2 (what
+    # predict runs: the compiled twin unless BLOCK_SGL_FEATURES_PURE=1) equals the Python code
+    py = np.array([m.ensemble.predict2_python(array("f", row)) for row in x])
     np.testing.assert_allclose(np.stack([py.real, py.imag], axis=1), ref, atol=1e-4)
     np.testing.assert_allclose(np.stack([py.real, py.imag], axis=1),
                                m.ensemble.predict_margin_batch(x), rtol=0, atol=1e-9)
+    assert [m.ensemble.predict2(array("f", row)) for row in x] == py.tolist()
+
+
+def test_compiled_and_pure_predictions_are_equal(data, model, monkeypatch):
+    """``predict`` with the compiled featurizer and trees = with their Python specifications."""
+    if features.implementation() != "compiled":
+        pytest.skip("the pure-Python twin was requested")
+    prompts, pt, _, _ = data
+    compiled = [model.predict(p, t) for p, t in zip(prompts, pt)]
+    monkeypatch.setattr(model, "featurizer",
+                        features.PurePromptFeaturizer(model.feature_config, model._gram_weights))
+    monkeypatch.setattr(model.ensemble, "predict2", model.ensemble.predict2_python)
+    assert [model.predict(p, t) for p, t in zip(prompts, pt)] == compiled
 
 
 @pytest.mark.parametrize("prompt,tokens", [
