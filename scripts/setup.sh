@@ -69,31 +69,24 @@ fi
 step "installing build + test dependencies (requirements/dev.txt)"
 $PIP install -q "cython>=3.0" "setuptools>=68" wheel numpy==2.4.6 -r requirements/dev.txt
 
-# block_sgl/_page_hash links OpenSSL's libcrypto (the library CPython's hashlib uses); its
-# headers come with libssl-dev. Install them where apt can (CI, fresh Debian machines).
-if [ ! -f /usr/include/openssl/sha.h ] && [ -z "${OPENSSL_INCLUDE_DIR:-}" ]; then
+# C headers the compiled extensions need: install them where apt can (CI, fresh Debian
+# machines), else stop with the package to install.
+#   need_headers HEADER DEBIAN_PACKAGE OTHER_NAMES WHO [OVERRIDE_ENV]
+need_headers() {
+  [ -f "/usr/include/$1" ] && return 0
+  [ -n "${5:-}" ] && [ -n "${!5:-}" ] && return 0
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    step "installing OpenSSL headers (apt-get install libssl-dev)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libssl-dev >/dev/null \
-      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libssl-dev >/dev/null; }
+    step "installing $2 (headers of $4)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >/dev/null; }
   else
-    echo "[setup] ERROR: OpenSSL headers (openssl/sha.h) missing: install libssl-dev" \
-         "(or openssl-devel), or set OPENSSL_INCLUDE_DIR" >&2
+    echo "[setup] ERROR: $1 missing (needed by $4): install $2 (or $3)${5:+, or set $5}" >&2
     exit 1
   fi
-fi
-
-# block_sgl/_features links zlib (the crc32 of CPython's zlib module); headers: zlib1g-dev.
-if [ ! -f /usr/include/zlib.h ]; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    step "installing zlib headers (apt-get install zlib1g-dev)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q zlib1g-dev >/dev/null \
-      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q zlib1g-dev >/dev/null; }
-  else
-    echo "[setup] WARNING: zlib headers (zlib.h) not in /usr/include: the build of" \
-         "block_sgl/_features needs them (zlib1g-dev or zlib-devel)" >&2
-  fi
-fi
+}
+# _page_hash links OpenSSL's libcrypto (CPython's hashlib uses it); _features links zlib.
+need_headers openssl/sha.h libssl-dev openssl-devel block_sgl/_page_hash OPENSSL_INCLUDE_DIR
+need_headers zlib.h zlib1g-dev zlib-devel block_sgl/_features
 
 step "installing block_sgl in editable mode with its dependencies (builds block_sgl/_fastsim, block_sgl/_page_hash, block_sgl/_capture, block_sgl/_features)"
 $PIP install -q --no-build-isolation -e .
