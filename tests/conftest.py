@@ -12,7 +12,9 @@ from block_sgl.testing.cluster import ClusterConfig, LocalCluster, free_port, po
 EMULATED_PROFILE = "h100-llama2-7b"
 TIME_SCALE = 6.0
 """Emulated steps must outlast the tiny model's real CPU forward: prefill costs ≈ 70 µs/token of
-CPU here, only ≈ 20 % under the H100 profile × 4 (one CI run overshot at 4×); × 6 leaves ≈ 1.8×."""
+CPU here, only ≈ 20 % under the H100 profile × 4 (one CI run overshot at 4×); × 6 leaves ≈ 1.8×.
+(Measured with the 2-layer tiny model served in float16; the 1-layer float32 model with one
+torch thread per instance prefills 2048 tokens in ≈ 45–65 ms, so × 6 now leaves ≈ 4×.)"""
 STRICT_HOOKS = (("BLOCK_SGL_STRICT", "1"),)
 """Shared test-bed instances refuse to start when block_sgl's hooks cannot (e.g. the publish
 port was taken): the start fails with the log, instead of later tests timing out on a silent

