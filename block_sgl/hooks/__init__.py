@@ -32,9 +32,10 @@ def register() -> None:
     HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", _add_cli_args_hook, HookType.AFTER)
     HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", _from_cli_args_hook, HookType.AFTER)
     if settings.emulate:
-        from block_sgl.hooks import emulate
+        from block_sgl.hooks import cpu_extend, emulate
 
         emulate.install(settings)
+        cpu_extend.install()  # keeps prefix-cached prefills' CPU cost under the emulated time
     try:
         if settings.publish:
             from block_sgl.hooks import scheduler
