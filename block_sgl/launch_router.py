@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "/metrics); forwarded to the instances unchanged")
     g.add_argument("--max-retries", type=int, default=2,
                    help="other instances tried when one fails before answering")
+    g.add_argument("--upstream-keepalive", type=float, default=4.0, metavar="S",
+                   help="idle time after which a pooled connection to an instance is closed; "
+                   "keep it below the instances' keep-alive timeout (SGLang: "
+                   "SGLANG_TIMEOUT_KEEP_ALIVE, 5 s)")
     g.add_argument("--health-interval", type=float, default=1.0, metavar="S")
     g.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
@@ -112,7 +116,7 @@ def config_from_args(args) -> RouterConfig:
         stale_after_s=args.stale_after,
         calibration_refit_interval_s=args.calibration_refit_interval,
         use_ignore_eos_hint=not args.no_ignore_eos_hint,
-        max_retries=args.max_retries, seed=args.seed, log_level=args.log_level,
+        max_retries=args.max_retries, upstream_keepalive_s=args.upstream_keepalive, seed=args.seed, log_level=args.log_level,
         health=HealthSettings(interval_s=args.health_interval),
         cache_aware=CacheAwareSettings(cache_threshold=args.cache_threshold,
                                        balance_abs_threshold=args.balance_abs_threshold,

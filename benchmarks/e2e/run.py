@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-scale", type=float, default=4.0)
     g.add_argument("--max-total-tokens", type=int, default=65536, help="KV capacity per instance")
     g.add_argument("--max-running-requests", type=int, default=32,
-                   help="running-batch cap: keep it x ~1 ms (CPU cost per decoding request) below "
+                   help="running-batch cap: keep it x ~0.35 ms (CPU cost per decoding request) below "
                         "the emulated step time")
     g.add_argument("--chunked-prefill-size", type=int, default=4096)
     g.add_argument("--health-generation", action="store_true",

@@ -100,6 +100,12 @@ class RouterConfig:
     max_retries: int = 2
     """Other instances tried when an instance fails before sending a byte."""
     request_timeout_s: float = 3600.0
+    upstream_keepalive_s: float = 4.0
+    """How long an idle connection to an instance is kept for reuse. Must stay below the
+    instances' own keep-alive timeout (SGLang: ``SGLANG_TIMEOUT_KEEP_ALIVE``, 5 s): a request
+    written on a connection the server is closing fails ("Can not write request body"), which
+    looks like an instance failure. With aiohttp's default (15 s) the e2e benchmark saw healthy
+    instances taken out of rotation that way."""
     seed: int | None = None
     log_level: str = "info"
     health: HealthSettings = HealthSettings()
@@ -146,7 +152,7 @@ class RouterConfig:
             raise ConfigError("--power-of-k applies to the predictive policies (block, "
                               f"block_ttft), not {self.policy!r}")
         for name in ("stale_after_s", "speculative_prefix_ttl_s", "pending_ttl_s",
-                     "request_timeout_s", "slo_queue_timeout_s"):
+                     "request_timeout_s", "slo_queue_timeout_s", "upstream_keepalive_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.calibration_refit_interval_s >= 0:

@@ -104,7 +104,8 @@ class RouterApp:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def _on_startup(self, app) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300,
+                                         keepalive_timeout=self.config.upstream_keepalive_s)
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))

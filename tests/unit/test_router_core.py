@@ -205,3 +205,12 @@ def test_invalid_configurations_are_refused_with_the_setting_named():
         RouterConfig(worker_urls=URLS, policy="fastest")
     with pytest.raises(ConfigError, match="--calibration-refit-interval must be >= 0"):
         RouterConfig(worker_urls=URLS, calibration_refit_interval_s=-1.0)
+    with pytest.raises(ConfigError, match="upstream_keepalive_s must be > 0"):
+        RouterConfig(worker_urls=URLS, upstream_keepalive_s=0.0)
+
+
+def test_pooled_connections_are_dropped_before_sglang_closes_them():
+    """A request written on a keep-alive connection SGLang is closing fails like a dead
+    instance; the router's idle limit must stay under SGLang's (uvicorn's) keep-alive timeout."""
+    envs = pytest.importorskip("sglang.srt.environ").envs
+    assert RouterConfig(worker_urls=URLS).upstream_keepalive_s < envs.SGLANG_TIMEOUT_KEEP_ALIVE.get()
