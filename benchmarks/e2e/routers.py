@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from block_sgl.router.policies import PREDICTIVE_POLICIES
 from block_sgl.testing.cluster import free_port
 
 
@@ -37,7 +38,7 @@ class RouterSpec:
 
     @property
     def is_block(self) -> bool:
-        return self.kind == "block_sgl" and self.policy in ("block", "block_ttft")
+        return self.kind == "block_sgl" and self.policy in PREDICTIVE_POLICIES
 
 
 def parse_policies(names: list[str], sglang_router: bool) -> list[RouterSpec]:

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from urllib.parse import urlsplit
 
-from block_sgl.router.policies import POLICY_NAMES
+from block_sgl.router.policies import POLICY_NAMES, PREDICTIVE_POLICIES
 
 
 class ConfigError(ValueError):
@@ -139,18 +139,18 @@ class RouterConfig:
         if self.slo_ttft_ms is not None:
             if not (math.isfinite(self.slo_ttft_ms) and self.slo_ttft_ms > 0):
                 raise ConfigError(f"--slo-ttft-ms must be > 0, got {self.slo_ttft_ms}")
-            if self.policy not in ("block", "block_ttft"):
+            if self.policy not in PREDICTIVE_POLICIES:
                 raise ConfigError("--slo-ttft-ms needs predicted TTFTs: use it with --policy "
-                                  f"block or block_ttft (got {self.policy!r})")
+                                  f"{' or '.join(PREDICTIVE_POLICIES)} (got {self.policy!r})")
         if not self.slo_factor >= 1.0:
             raise ConfigError(f"--slo-factor must be >= 1, got {self.slo_factor}")
         if self.slo_action not in ("reject", "queue"):
             raise ConfigError(f"--slo-action must be reject or queue, got {self.slo_action!r}")
         if self.power_of_k < 0:
             raise ConfigError(f"--power-of-k must be >= 0, got {self.power_of_k}")
-        if self.power_of_k and self.policy not in ("block", "block_ttft"):
-            raise ConfigError("--power-of-k applies to the predictive policies (block, "
-                              f"block_ttft), not {self.policy!r}")
+        if self.power_of_k and self.policy not in PREDICTIVE_POLICIES:
+            raise ConfigError("--power-of-k applies to the predictive policies "
+                              f"({', '.join(PREDICTIVE_POLICIES)}), not {self.policy!r}")
         for name in ("stale_after_s", "speculative_prefix_ttl_s", "pending_ttl_s",
                      "request_timeout_s", "slo_queue_timeout_s", "upstream_keepalive_s"):
             if not getattr(self, name) > 0:

@@ -124,6 +124,17 @@ class NoInstanceAvailable(RuntimeError):
     """Every instance is out of rotation (failed health checks or excluded by retries)."""
 
 
+
+def prefill_step_s(coeffs, input_len: int, cached_prefix_tokens: int) -> float:
+    """The step time of prefilling one request alone: its uncached tokens (SGLang recomputes
+    at least one: a fully cached prompt still prefills its last token) attending to the cached
+    prefix and causally to each other — the step model's form (``predictor/step_model.py``)
+    with the pair count fastsim uses for an extend."""
+    extend = max(input_len - cached_prefix_tokens, 1)
+    prefix = max(input_len - extend, 0)
+    pairs = extend * (prefix + (extend + 1) / 2.0)
+    return (coeffs[0] + coeffs[1] * max(extend - coeffs[2], 0.0) + coeffs[3] * pairs)
+
 class Router:
     """Routing state shared by one router replica's request handlers."""
 
@@ -480,6 +491,10 @@ class Router:
         fastsim.predict_rows(arrays, rows, coeffs, out, self._workspace)
         for v, (ttft, e2e, _) in zip(scored, out.tolist()):
             v.predicted_ttft_s, v.predicted_e2e_s = ttft, e2e
+        if getattr(self.policy, "needs_prefill_cost", False):
+            for v, c in zip(scored, coeffs):
+                v.predicted_prefill_s = prefill_step_s(c, request.input_len,
+                                                       v.cached_prefix_tokens)
         return views
 
     def _candidate_buffers(self, k: int) -> tuple[np.ndarray, list, np.ndarray]:

@@ -24,6 +24,7 @@ from aiohttp import web
 from block_sgl.router.config import RouterConfig
 from block_sgl.router.core import Decision, NoInstanceAvailable, Router
 from block_sgl.router.metrics import RouterMetrics
+from block_sgl.router.policies import PREDICTIVE_POLICIES
 from block_sgl.router.tokenize import PromptTokenizer, TokenizerError
 
 logger = logging.getLogger("block_sgl.router")
@@ -298,7 +299,7 @@ class RouterApp:
 
     async def handle_metrics(self, request: web.Request):
         self._refresh_gauges()
-        if self.config.policy in ("block", "block_ttft"):
+        if self.config.policy in PREDICTIVE_POLICIES:
             self._provisioning_gauges(self.router.provisioning())
         return web.Response(body=self.metrics.render(),
                             content_type="text/plain", charset="utf-8")

@@ -80,6 +80,21 @@ def test_block_minimises_predicted_e2e_and_block_ttft_predicted_ttft():
     assert make_policy("block_ttft").pick(REQ, vs) == 0
 
 
+def test_block_marginal_adds_the_prefill_stall_of_everyone_on_the_instance():
+    # w0: E2E 1.0 s, prefill 0.01 s, 20 requests there -> 1.2; w1: 0.9 + 0.08 * 5 = 1.3.
+    vs = views({"predicted_e2e_s": 1.0, "predicted_prefill_s": 0.01, "running": 12, "waiting": 8},
+               {"predicted_e2e_s": 0.9, "predicted_prefill_s": 0.08, "running": 5})
+    assert make_policy("block").pick(REQ, vs) == 1
+    assert make_policy("block_marginal").pick(REQ, vs) == 0
+    # With nobody to stall on w1 its own latency decides again.
+    vs[1].running = 0
+    assert make_policy("block_marginal").pick(REQ, vs) == 1
+    # An instance fastsim could not score still ranks last.
+    vs[1].predicted_e2e_s = math.nan
+    vs[0].predicted_e2e_s = 50.0
+    assert make_policy("block_marginal").pick(REQ, vs) == 0
+
+
 def test_block_ranks_unscored_instances_last_but_still_picks_one():
     vs = views({"predicted_e2e_s": math.nan, "in_flight": 2},
                {"predicted_e2e_s": math.nan, "in_flight": 0})

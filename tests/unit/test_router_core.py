@@ -1,6 +1,7 @@
 """The routing core over synthetic instance streams (no network): pending accounting, prefix
 matching, predictive picks, stale instances, health, provisioning."""
 
+import math
 import time
 
 import pytest
@@ -142,6 +143,39 @@ def test_block_prefers_the_instance_holding_the_prefix_when_loads_are_equal():
     assert d.worker == 0
     v0, v1 = sorted(d.views, key=lambda v: v.index)
     assert v0.predicted_ttft_s < v1.predicted_ttft_s
+
+
+def test_block_marginal_prices_the_prefill_stall_the_selfish_objective_ignores():
+    # w0 holds the prompt's prefix but decodes 20 requests; w1 decodes 10 and holds nothing.
+    # The selfish objective takes the miss (the candidate decodes faster beside 10 than beside
+    # 20, more than paying for its 3000-token prefill); that prefill would stall w1's 10
+    # running requests, which block_marginal adds, so it takes the hit.
+    picks = {}
+    for policy in ("block", "block_marginal"):
+        router = make_router(policy=policy)
+        feed(router, 0, snapshot(0, running=20))
+        feed(router, 1, snapshot(1, running=10))
+        rv, ids = request(router, 3000)
+        router.subscriber.on_cache_event(ENDPOINTS[0], p.CacheStored(
+            instance_id="i0", block_hashes=page_hashes(ids, 16), parent_block_hash=None,
+            block_size=16))
+        d = router.decide(rv, ids)
+        picks[policy] = d.worker
+        v0, v1 = sorted(d.views, key=lambda v: v.index)
+        assert v0.predicted_e2e_s > v1.predicted_e2e_s  # the selfish ranking: w1 first
+        if policy == "block":
+            assert math.isnan(v0.predicted_prefill_s)  # only computed when the policy asks
+            continue
+        for v in (v0, v1):  # the candidate's prefill alone, in the instance's step model
+            extend = max(3000 - v.cached_prefix_tokens, 1)
+            prefix = 3000 - extend
+            expected = router.workers[v.index].step_model.step_time(
+                extend, extend * (prefix + (extend + 1) / 2), 0, 0)
+            assert v.predicted_prefill_s == pytest.approx(expected)
+        assert v1.predicted_prefill_s > 5 * v0.predicted_prefill_s
+        assert (v0.predicted_e2e_s + 20 * v0.predicted_prefill_s
+                < v1.predicted_e2e_s + 10 * v1.predicted_prefill_s)
+    assert picks == {"block": 1, "block_marginal": 0}
 
 
 def test_stale_instance_is_routed_on_the_routers_own_accounting():

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from block_sgl.router.policies.base import InstanceView, Policy, RequestView
-from block_sgl.router.policies.block import Block, BlockTTFT
+from block_sgl.router.policies.block import Block, BlockMarginal, BlockTTFT
 from block_sgl.router.policies.simple import (LeastRequests, LeastTokens, Llumnix, LMetric,
                                               PowerOfTwo, Random, RoundRobin)
 
 _SIMPLE = {cls.name: cls for cls in (RoundRobin, Random, LeastRequests, LeastTokens, PowerOfTwo,
-                                     LMetric, Llumnix, Block, BlockTTFT)}
+                                     LMetric, Llumnix, Block, BlockTTFT, BlockMarginal)}
 POLICY_NAMES = tuple(sorted([*_SIMPLE, "cache_aware"]))
+PREDICTIVE_POLICIES = tuple(sorted(n for n, cls in _SIMPLE.items() if cls.needs_prediction))
+"""Policies that run fastsim (what --slo-ttft-ms, --power-of-k and /block/provisioning need)."""
 
 
 def make_policy(name: str, *, seed: int | None = None, cache_aware: dict | None = None) -> Policy:
@@ -24,4 +26,5 @@ def make_policy(name: str, *, seed: int | None = None, cache_aware: dict | None 
     return cls(seed=seed) if cls in (Random, PowerOfTwo) else cls()
 
 
-__all__ = ["InstanceView", "Policy", "RequestView", "POLICY_NAMES", "make_policy"]
+__all__ = ["InstanceView", "Policy", "RequestView", "POLICY_NAMES", "PREDICTIVE_POLICIES",
+           "make_policy"]

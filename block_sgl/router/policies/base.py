@@ -57,6 +57,9 @@ class InstanceView:
     predicted_ttft_s: float = float("nan")
     predicted_e2e_s: float = float("nan")
     """fastsim's prediction for this request here (NaN unless the policy asked for it)."""
+    predicted_prefill_s: float = float("nan")
+    """This request's own prefill step time here (its uncached tokens, the instance's step
+    model), filled for policies with ``needs_prefill_cost``; NaN otherwise."""
 
 
 class Policy(Protocol):
@@ -64,7 +67,8 @@ class Policy(Protocol):
     needs_tokens: bool
     """True: the router must tokenize the prompt (prefix matching, token counts)."""
     needs_prediction: bool
-    """True: the router must fill predicted_ttft_s / predicted_e2e_s (runs fastsim)."""
+    """True: the router must fill predicted_ttft_s / predicted_e2e_s (runs fastsim).
+    A policy may also set ``needs_prefill_cost = True`` to get predicted_prefill_s."""
 
     def pick(self, request: RequestView, instances: Sequence[InstanceView]) -> int:
         """Return the ``index`` field of the chosen instance (``instances`` is non-empty)."""
