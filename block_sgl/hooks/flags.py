@@ -61,7 +61,8 @@ def _profile(name: str, raw: str) -> str:
     return raw
 
 
-DP_POLICIES = ("block", "block_ttft", "cache_aware", "least_tokens", "round_robin")
+DP_POLICIES = ("block", "block_marginal", "block_ttft", "cache_aware", "least_tokens",
+               "round_robin")
 """Policies ``--block-dp-policy`` accepts (same names and semantics as the router's)."""
 
 

@@ -316,3 +316,10 @@ def test_load_balance_method_is_set_or_refused():
         require_total_tokens(args, "block")
     with pytest.raises(SettingsError, match="--dp-size N"):
         require_total_tokens(SimpleNamespace(dp_size=1, attn_dp_size=1, load_balance_method="auto"), "block")
+
+
+def test_every_dp_policy_is_a_router_policy():
+    from block_sgl.router.policies import POLICY_NAMES, PREDICTIVE_POLICIES
+
+    assert set(DP_POLICIES) <= set(POLICY_NAMES)
+    assert set(PREDICTIVE_POLICIES) <= set(DP_POLICIES)  # every fastsim policy works in-engine too
