@@ -132,7 +132,7 @@ def main() -> None:
                 sent[rid]["seen"] = True
             # Sent but not yet in any snapshot (and not already finished): fastsim's "pending".
             pending = [s for rid, s in sent.items() if not s["seen"] and "e2e" not in results[rid]]
-            st = instance_state(cfg, snap, lambda rid, i, m, e: true_out.get(rid, m))
+            st = instance_state(cfg, snap, lambda rid, i, o, m, e: true_out.get(rid, m))
             if pending:
                 st = st.with_pending(fastsim.RequestTable.from_rows(
                     [(s["input_len"], s["prefix"], 0, s["out"], 1, s["out"]) for s in pending]))

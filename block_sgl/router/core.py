@@ -32,6 +32,7 @@ from block_sgl.page_hash import PromptPages
 from block_sgl.predictor.perf_model import OnlineCalibrator, fit_profile, scaled
 from block_sgl.predictor.step_model import DEFAULT_H100_LLAMA2_7B, StepModel
 from block_sgl.router.config import RouterConfig
+from block_sgl.router.lengths import OutputLengthStats
 from block_sgl.router.policies import InstanceView, Policy, RequestView, make_policy
 from block_sgl.router.prefix_index import PrefixIndex
 from block_sgl.router.state import instance_config, instance_state
@@ -157,6 +158,8 @@ class Router:
         self._profile_models: dict[tuple, StepModel] = {}
         self.completed_output_tokens = 0
         self.completed_requests = 0
+        self.output_lengths = OutputLengthStats()
+        """Recent completions' output lengths: running requests' expected totals."""
         self.stats = {"pending_expired": 0, "pending_matched": 0}
 
     # -- streams ------------------------------------------------------------------------------
@@ -244,16 +247,28 @@ class Router:
         return max(1, min(guess, max_new_tokens))
 
     def _snapshot_output_len(self, worker: Worker):
+        """Total output length of each request in a snapshot, for fastsim. A request whose
+        length is known (the ignore_eos hint) keeps it; one with a length-model prediction it
+        has not reached yet keeps that; otherwise — no model, or it outlived its prediction —
+        the mean total of recent completions that outlived what it has generated so far
+        (``lengths.OutputLengthStats``: without this, fastsim would expect a survivor of a
+        heavy-tailed length distribution to finish on its next step)."""
         mean = self.mean_output_len()
         hint = self.config.use_ignore_eos_hint
+        model = self.length_predictor is not None
+        expected_total = self.output_lengths.expected_total
 
-        def predict(rid: str, input_len: int, max_new_tokens: int, ignore_eos: bool) -> int:
-            known = worker.rid_pred.get(rid)
-            if known is not None:
-                return known
+        def predict(rid: str, input_len: int, output_len: int, max_new_tokens: int,
+                    ignore_eos: bool) -> int:
             if ignore_eos and hint:
                 return max_new_tokens
-            return min(mean, max_new_tokens)
+            known = worker.rid_pred.get(rid)
+            if known is not None and model and output_len < known:
+                return known
+            expected = expected_total(output_len)
+            if expected is None:  # nothing completed yet
+                return known if known is not None else min(mean, max_new_tokens)
+            return max(1, min(round(expected), max_new_tokens))
         return predict
 
     # -- per-worker view ----------------------------------------------------------------------
@@ -315,6 +330,7 @@ class Router:
             if output_len > 0:  # its last seen length: a few tokens short at most
                 self.completed_requests += 1
                 self.completed_output_tokens += output_len
+                self.output_lengths.add(output_len)
 
     @staticmethod
     def _unpend(worker: Worker, key: int) -> PendingRequest:
@@ -545,6 +561,7 @@ class Router:
         if output_tokens is not None and output_tokens > 0:
             self.completed_requests += 1
             self.completed_output_tokens += output_tokens
+            self.output_lengths.add(output_tokens)
         try:
             self.policy.on_complete(decision.worker, decision.request)
         except Exception:  # a policy bug must not leak in-flight counts

@@ -16,8 +16,9 @@ import numpy as np
 from block_sgl import protocol as p
 from block_sgl.fastsim import InstanceConfig, InstanceState, RequestTable
 
-OutputLengthOracle = Callable[[str, int, int, bool], int]
-"""(rid, input_len, max_new_tokens, ignore_eos) → predicted total output length."""
+OutputLengthOracle = Callable[[str, int, int, int, bool], int]
+"""(rid, input_len, output_len so far, max_new_tokens, ignore_eos) → predicted total output
+length."""
 
 
 def instance_config(hello: p.Hello) -> InstanceConfig:
@@ -31,8 +32,8 @@ def instance_config(hello: p.Hello) -> InstanceConfig:
 def request_table(cols: p.RequestColumns, predict_output: OutputLengthOracle) -> RequestTable:
     if not len(cols):
         return RequestTable.empty()
-    pred = [predict_output(r, i, m, e) for r, i, m, e in
-            zip(cols.rid, cols.input_len, cols.max_new_tokens, cols.ignore_eos)]
+    pred = [predict_output(r, i, o, m, e) for r, i, o, m, e in
+            zip(cols.rid, cols.input_len, cols.output_len, cols.max_new_tokens, cols.ignore_eos)]
     prefix = np.minimum(np.asarray(cols.prefix_len), np.asarray(cols.input_len))
     return RequestTable(np.asarray(cols.input_len), prefix, np.asarray(cols.output_len),
                         np.asarray(cols.max_new_tokens), np.asarray(cols.ignore_eos), np.asarray(pred))

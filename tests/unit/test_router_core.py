@@ -178,6 +178,39 @@ def test_block_marginal_prices_the_prefill_stall_the_selfish_objective_ignores()
     assert picks == {"block": 1, "block_marginal": 0}
 
 
+def test_running_requests_past_the_mean_are_expected_to_run_long():
+    # Completed so far: 80 short answers (100 tokens) and 20 long ones (1500): mean 380.
+    # Both instances are full (64 running = max_running_requests); w0's requests have made
+    # 600 tokens each, w1's 50. The mean says w0's are overdue and free their slots on the
+    # next step; the completions say requests that outlive 600 tokens run to 1500, while
+    # w1's have ~330 to go — so the candidate gets a slot sooner on w1.
+    def full(i, generated):
+        running = p.RequestColumns(
+            rid=[f"r{i}-{k}" for k in range(64)], input_len=[100] * 64, prefix_len=[0] * 64,
+            output_len=[generated] * 64, max_new_tokens=[4000] * 64, ignore_eos=[False] * 64)
+        return p.Snapshot(instance_id=f"i{i}", time=time.time(), forward_ct=1, running=running,
+                          waiting=cols(0), free_tokens=60000, evictable_tokens=0,
+                          max_total_num_tokens=65536, new_token_ratio=0.7)
+
+    router = make_router()
+    for n in [100] * 80 + [1500] * 20:
+        router.finished(router.assign(*request(router), 0), output_tokens=n)
+    feed(router, 0, full(0, 600))
+    feed(router, 1, full(1, 50))
+    ids = list(range(1, 201))
+    rv = router.request_view(text="t", token_ids=ids, max_new_tokens=4000, ignore_eos=False)
+    assert rv.pred_output_len == 380
+    d = router.decide(rv, ids)
+    v0, v1 = sorted(d.views, key=lambda v: v.index)
+    assert d.worker == 1 and v1.predicted_ttft_s < v0.predicted_ttft_s
+    # What fastsim was told: w0's survivors run to 1500, w1's to the mean of those past 50.
+    predict = router._snapshot_output_len(router.workers[0])
+    assert predict("r0-0", 100, 600, 4000, False) == 1500
+    assert predict("r1-0", 100, 50, 4000, False) == 380
+    assert predict("r1-0", 100, 50, 1000, False) == 380
+    assert predict("r0-0", 100, 600, 1200, False) == 1200  # capped by max_new_tokens
+
+
 def test_stale_instance_is_routed_on_the_routers_own_accounting():
     router = make_router(stale_after_s=0.5)
     feed(router, 0, snapshot(0, running=40, waiting=30))
