@@ -41,13 +41,23 @@ class RouterSpec:
         return self.kind == "block_sgl" and self.policy in PREDICTIVE_POLICIES
 
 
-def parse_policies(names: list[str], sglang_router: bool) -> list[RouterSpec]:
-    """``block``, ``round_robin``, ``block+oracle``, ``sgl:cache_aware`` ... → specs."""
+def parse_policies(names: list[str], sglang_router: bool,
+                   length_model: str | None = None) -> list[RouterSpec]:
+    """``block``, ``round_robin``, ``block+oracle``, ``block+lm``, ``sgl:cache_aware`` ... →
+    specs. ``+lm``: the router loads ``length_model`` (``--length-model``) and its row is
+    labelled ``block_sgl/NAME+lm``."""
     out = []
     for n in names:
         if n.startswith("sgl:"):
             if sglang_router:
                 out.append(RouterSpec("sglang_router", n[4:]))
+            continue
+        if n.endswith("+lm"):
+            if not length_model:
+                raise ValueError(f"policy {n!r} needs --length-model (a train_length directory)")
+            base = n.removesuffix("+lm")
+            out.append(RouterSpec("block_sgl", base, args=("--length-model", length_model),
+                                  label=f"block_sgl/{base}+lm"))
             continue
         oracle = n.endswith("+oracle")
         out.append(RouterSpec("block_sgl", n.removesuffix("+oracle"), oracle=oracle))

@@ -505,7 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("routers")
     g.add_argument("--policies", nargs="+", default=["block", "round_robin", "least_requests",
                                                     "cache_aware"],
-                   help="block_sgl policies; NAME+oracle = the router sees output lengths")
+                   help="block_sgl policies; NAME+oracle = the router sees output lengths; "
+                        "NAME+lm = the router loads --length-model")
+    g.add_argument("--length-model", default=None,
+                   help="response-length model directory (python -m "
+                        "block_sgl.predictor.train_length) for the NAME+lm rows; train it on "
+                        "ShareGPT conversations the sharegpt workload does not use: --limit 4000")
     g.add_argument("--sglang-router-policies", nargs="*", default=["cache_aware", "round_robin"])
     g.add_argument("--sglang-router-python", default=None,
                    help=f"python with sglang-router 0.3.2 (default {DEFAULT_SGR}; 'none' = skip)")
@@ -594,7 +599,10 @@ def main(argv=None) -> int:
     started = time.time()
 
     sgr, sgr_version = sglang_router_python(args.sglang_router_python)
-    specs = parse_policies(args.policies, sglang_router=False)
+    try:
+        specs = parse_policies(args.policies, sglang_router=False, length_model=args.length_model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if sgr:
         specs += [RouterSpec("sglang_router", p) for p in args.sglang_router_policies]
     elif args.sglang_router_policies:
