@@ -125,7 +125,6 @@ class NoInstanceAvailable(RuntimeError):
     """Every instance is out of rotation (failed health checks or excluded by retries)."""
 
 
-
 def prefill_step_s(coeffs, input_len: int, cached_prefix_tokens: int) -> float:
     """The step time of prefilling one request alone: its uncached tokens (SGLang recomputes
     at least one: a fully cached prompt still prefills its last token) attending to the cached
@@ -134,7 +133,8 @@ def prefill_step_s(coeffs, input_len: int, cached_prefix_tokens: int) -> float:
     extend = max(input_len - cached_prefix_tokens, 1)
     prefix = max(input_len - extend, 0)
     pairs = extend * (prefix + (extend + 1) / 2.0)
-    return (coeffs[0] + coeffs[1] * max(extend - coeffs[2], 0.0) + coeffs[3] * pairs)
+    return coeffs[0] + coeffs[1] * max(extend - coeffs[2], 0.0) + coeffs[3] * pairs
+
 
 class Router:
     """Routing state shared by one router replica's request handlers."""

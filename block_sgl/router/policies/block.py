@@ -57,7 +57,6 @@ class BlockMarginal(Block):
     needs_prefill_cost = True
 
     def pick(self, request: RequestView, instances: Sequence[InstanceView]) -> int:
-        return min([(x != x, x if x == x else 0.0, v.in_flight, v.index)
-                    for v in instances
-                    for x in (v.predicted_e2e_s + v.predicted_prefill_s * (v.running + v.waiting),)
-                    ])[3]
+        return min([(x != x, x if x == x else 0.0, v.in_flight, v.index) for v in instances
+                    for x in (v.predicted_e2e_s
+                              + v.predicted_prefill_s * (v.running + v.waiting),)])[3]
