@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from block_sgl import fastsim
+from block_sgl._fastsim_py import step_time
 from block_sgl import protocol as p
 from block_sgl.page_hash import PromptPages
 from block_sgl.predictor.perf_model import OnlineCalibrator, fit_profile, scaled
@@ -132,8 +133,7 @@ def prefill_step_s(coeffs, input_len: int, cached_prefix_tokens: int) -> float:
     with the pair count fastsim uses for an extend."""
     extend = max(input_len - cached_prefix_tokens, 1)
     prefix = max(input_len - extend, 0)
-    pairs = extend * (prefix + (extend + 1) / 2.0)
-    return coeffs[0] + coeffs[1] * max(extend - coeffs[2], 0.0) + coeffs[3] * pairs
+    return step_time(coeffs, extend, extend * (prefix + (extend + 1) / 2.0), 0, 0)
 
 
 class Router:
