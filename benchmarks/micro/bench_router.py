@@ -225,6 +225,12 @@ def bench_proxy(args) -> dict:
                 [sys.executable, "-m", "block_sgl.launch_router", "--worker-urls", worker,
                  "--port", str(port), "--policy", "block", "--log-level", "warning"]))
             routers["block_sgl"] = (f"http://127.0.0.1:{port}", procs[-1])
+            # The floor of any aiohttp proxy here (no routing, no parsing): see bare_proxy.py.
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("bare_proxy.py")),
+                 "--upstream", worker, "--port", str(port)]))
+            routers["bare_aiohttp_proxy"] = (f"http://127.0.0.1:{port}", procs[-1])
             if args.sglang_router_python:
                 port = free_port()
                 procs.append(subprocess.Popen(
