@@ -4,8 +4,8 @@
    lookup, views, fastsim on every instance, pick) at 4 / 16 / 64 instances over synthetic
    snapshots (32 running + 8 waiting per instance, part of the prompt cached on one instance);
    tokenisation of the same prompt is reported separately. No network.
-2. ``proxy``: added latency of the block_sgl router vs a direct connection and vs sglang-router
-   0.3.2, side by side in one run, in front of one real SGLang CPU instance (tiny model, no
+2. ``proxy``: added latency of the block_sgl router vs a direct connection, vs sglang-router
+   0.3.2 and vs the floor of any aiohttp proxy (``bare_proxy.py``), side by side in one run, in front of one real SGLang CPU instance (tiny model, no
    emulation: requests are short): non-streaming latency and streaming time to first byte on
    keep-alive connections, sequential and at concurrency 8 / 32; and each router's RSS.
 

