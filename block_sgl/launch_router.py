@@ -21,8 +21,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-from block_sgl.router.config import (CacheAwareSettings, ConfigError, HealthSettings,
-                                     RouterConfig)
+from block_sgl.router.config import (LENGTH_ESTIMATES, CacheAwareSettings, ConfigError,
+                                     HealthSettings, RouterConfig)
 from block_sgl.router.policies import POLICY_NAMES
 
 logger = logging.getLogger("block_sgl.router")
@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local tokenizer folder; default: the instances' /model_info")
     g.add_argument("--length-model", help="response-length model file (predictor.train_length); "
                    "default: the running mean of completed outputs")
+    g.add_argument("--length-estimate", choices=LENGTH_ESTIMATES, default="p50",
+                   help="with --length-model: simulate each request with the model's P50, or "
+                        "with the mean its P50 and P90 imply for a log-normal length (the "
+                        "expected work, which the median under-states)")
     g.add_argument("--no-ignore-eos-hint", action="store_true",
                    help="do not assume ignore_eos requests run to max tokens (benchmarks that "
                         "hide output lengths from the router)")
@@ -111,7 +115,8 @@ def config_from_args(args) -> RouterConfig:
         worker_urls=tuple(u.rstrip("/") for u in args.worker_urls),
         publish_endpoints=tuple(args.publish_endpoints) if args.publish_endpoints else None,
         policy=args.policy, host=args.host, port=args.port, tokenizer_path=args.tokenizer_path,
-        length_model=args.length_model, slo_ttft_ms=args.slo_ttft_ms, slo_factor=args.slo_factor,
+        length_model=args.length_model, length_estimate=args.length_estimate,
+        slo_ttft_ms=args.slo_ttft_ms, slo_factor=args.slo_factor,
         slo_action=args.slo_action, api_key=args.api_key, power_of_k=args.power_of_k,
         stale_after_s=args.stale_after,
         calibration_refit_interval_s=args.calibration_refit_interval,

@@ -45,19 +45,21 @@ def parse_policies(names: list[str], sglang_router: bool,
                    length_model: str | None = None) -> list[RouterSpec]:
     """``block``, ``round_robin``, ``block+oracle``, ``block+lm``, ``sgl:cache_aware`` ... →
     specs. ``+lm``: the router loads ``length_model`` (``--length-model``) and its row is
-    labelled ``block_sgl/NAME+lm``."""
+    labelled ``block_sgl/NAME+lm``; ``+lm-mean``: the same with ``--length-estimate mean``."""
     out = []
     for n in names:
         if n.startswith("sgl:"):
             if sglang_router:
                 out.append(RouterSpec("sglang_router", n[4:]))
             continue
-        if n.endswith("+lm"):
+        if n.endswith(("+lm", "+lm-mean")):
             if not length_model:
                 raise ValueError(f"policy {n!r} needs --length-model (a train_length directory)")
-            base = n.removesuffix("+lm")
-            out.append(RouterSpec("block_sgl", base, args=("--length-model", length_model),
-                                  label=f"block_sgl/{base}+lm"))
+            base, suffix = n.rsplit("+", 1)
+            args = ("--length-model", length_model)
+            if suffix == "lm-mean":
+                args += ("--length-estimate", "mean")
+            out.append(RouterSpec("block_sgl", base, args=args, label=f"block_sgl/{n}"))
             continue
         oracle = n.endswith("+oracle")
         out.append(RouterSpec("block_sgl", n.removesuffix("+oracle"), oracle=oracle))

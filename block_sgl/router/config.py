@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 
 from block_sgl.router.policies import POLICY_NAMES, PREDICTIVE_POLICIES
 
+LENGTH_ESTIMATES = ("p50", "mean")
+"""``--length-estimate`` choices (see ``RouterConfig.length_estimate``)."""
+
 
 class ConfigError(ValueError):
     """An invalid router setting or combination; the message names the setting."""
@@ -61,6 +64,10 @@ class RouterConfig:
     """A length-model file (``python -m block_sgl.predictor.train_length``); None: every
     request's output is predicted as the running mean of completed requests (capped by its
     max tokens)."""
+    length_estimate: str = "p50"
+    """What a length-model prediction becomes in the simulation: ``p50``, or ``mean``, the
+    log-normal mean implied by the model's P50 and P90 (``LengthPredictor.expected_tokens``;
+    needs ``length_model``)."""
     slo_ttft_ms: float | None = None
     slo_factor: float = 1.0
     """Admission: refuse when every instance's predicted TTFT exceeds ``slo_factor`` × SLO."""
@@ -134,6 +141,12 @@ class RouterConfig:
                     raise ConfigError(f"--publish-endpoints: {err}") from None
         if self.policy not in POLICY_NAMES:
             raise ConfigError(f"--policy {self.policy!r} is unknown; valid: {', '.join(POLICY_NAMES)}")
+        if self.length_estimate not in LENGTH_ESTIMATES:
+            raise ConfigError(f"--length-estimate must be one of {', '.join(LENGTH_ESTIMATES)}, "
+                              f"got {self.length_estimate!r}")
+        if self.length_estimate == "mean" and not self.length_model:
+            raise ConfigError("--length-estimate mean applies to a length model's predictions: "
+                              "give --length-model too")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port {self.port} is not a TCP port")
         if self.slo_ttft_ms is not None:

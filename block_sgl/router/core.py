@@ -240,7 +240,9 @@ class Router:
         if ignore_eos and self.config.use_ignore_eos_hint:
             return max_new_tokens
         if self.length_predictor is not None:
-            p50, _ = self.length_predictor.predict(prompt, input_len)
+            p50, p_upper = self.length_predictor.predict(prompt, input_len)
+            if self.config.length_estimate == "mean":
+                p50 = self.length_predictor.expected_tokens(p50, p_upper)
             guess = int(round(p50))
         else:
             guess = self.mean_output_len()

@@ -20,3 +20,11 @@ def test_length_model_rows_load_the_model_and_say_so():
 def test_a_length_model_row_without_a_model_is_refused():
     with pytest.raises(ValueError, match="needs --length-model"):
         parse_policies(["block+lm"], sglang_router=False)
+
+
+def test_lm_mean_rows_also_ask_for_the_mean_estimate():
+    (spec,) = parse_policies(["block_marginal+lm-mean"], sglang_router=False, length_model="/m")
+    assert spec.name == "block_sgl/block_marginal+lm-mean" and spec.policy == "block_marginal"
+    assert spec.args == ("--length-model", "/m", "--length-estimate", "mean")
+    with pytest.raises(ValueError, match="needs --length-model"):
+        parse_policies(["block+lm-mean"], sglang_router=False)

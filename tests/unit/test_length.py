@@ -237,6 +237,32 @@ def test_excluded_conversations_are_left_out_and_recorded():
             build_parser().parse_args(["--out", "x", "--exclude-conversations", bad])
 
 
+def test_lognormal_mean_from_two_quantiles():
+    from block_sgl.predictor.length import lognormal_mean
+    # a log-normal with mu = ln 100, sigma = 0.8: P90 = 100 e^(0.8 z90), mean = 100 e^(0.32)
+    p90 = 100 * math.exp(0.8 * 1.2815515655446004)
+    assert lognormal_mean(100.0, p90) == pytest.approx(100 * math.exp(0.32), rel=1e-9)
+    assert lognormal_mean(100.0, 100.0) == 100.0  # no spread: the median
+    assert lognormal_mean(100.0, 80.0) == 100.0   # crossing quantiles: never below the median
+    assert lognormal_mean(100.0, 1e6, cap=4096.0) == 4096.0
+    assert lognormal_mean(100.0, 300.0) < lognormal_mean(100.0, 400.0)  # more spread, more mean
+    # the same distribution described by its P50 and P95
+    p95 = 100 * math.exp(0.8 * 1.6448536269514722)
+    assert lognormal_mean(100.0, p95, (0.5, 0.95)) == pytest.approx(100 * math.exp(0.32))
+    for bad in ((0.4, 0.9), (0.5, 1.0), (0.5, 0.5)):
+        with pytest.raises(ValueError, match="quantiles"):
+            lognormal_mean(100.0, 200.0, bad)
+    with pytest.raises(ValueError, match="> 0"):
+        lognormal_mean(0.0, 200.0)
+
+
+def test_expected_tokens_uses_the_models_quantiles_and_cap(model):
+    assert model.quantiles == (0.5, 0.9)
+    assert model.expected_tokens(100.0, 100.0) == 100.0
+    assert 100.0 < model.expected_tokens(100.0, 300.0) <= model.max_output_tokens
+    assert model.expected_tokens(100.0, 1e9) == model.max_output_tokens
+
+
 def test_eval_helpers():
     a = np.array([1.0, 2.0, 3.0, 4.0])
     assert spearman(a, a * 10) == pytest.approx(1.0)

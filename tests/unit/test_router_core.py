@@ -274,6 +274,34 @@ def test_invalid_configurations_are_refused_with_the_setting_named():
         RouterConfig(worker_urls=URLS, calibration_refit_interval_s=-1.0)
     with pytest.raises(ConfigError, match="upstream_keepalive_s must be > 0"):
         RouterConfig(worker_urls=URLS, upstream_keepalive_s=0.0)
+    with pytest.raises(ConfigError, match="--length-estimate mean applies .* --length-model"):
+        RouterConfig(worker_urls=URLS, length_estimate="mean")
+    RouterConfig(worker_urls=URLS, length_estimate="p50")  # the default: fine without a model
+    with pytest.raises(ConfigError, match="--length-estimate must be one of p50, mean"):
+        RouterConfig(worker_urls=URLS, length_model="/m", length_estimate="p90")
+
+
+class FixedLengthModel:
+    """A length predictor that answers (P50, P90) = (100, 300) for every prompt."""
+
+    def predict(self, prompt, tokens):
+        return 100.0, 300.0
+
+    def expected_tokens(self, p50, p_upper):
+        from block_sgl.predictor.length import lognormal_mean
+        return lognormal_mean(p50, p_upper, (0.5, 0.9), 10_000.0)
+
+
+@pytest.mark.parametrize("estimate", [None, "p50", "mean"])
+def test_length_estimate_chooses_what_a_prediction_becomes(estimate):
+    kw = {} if estimate is None else {"length_estimate": estimate}
+    router = Router(RouterConfig(worker_urls=URLS, length_model="/m", **kw),
+                    length_predictor=FixedLengthModel(), subscriber_factory=FakeSubscriber)
+    got = router.predict_output_len("a prompt", 10, 4096, ignore_eos=False)
+    sigma = math.log(3.0) / 1.2815515655446004
+    want = 100 if estimate != "mean" else round(100 * math.exp(sigma ** 2 / 2))
+    assert got == want and (estimate != "mean" or got > 100)
+    assert router.predict_output_len("a prompt", 10, 50, ignore_eos=False) == 50  # the cap
 
 
 def test_pooled_connections_are_dropped_before_sglang_closes_them():
