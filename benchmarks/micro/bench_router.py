@@ -10,7 +10,8 @@
    keep-alive connections, sequential and at concurrency 8 / 32; and each router's RSS.
 
     python benchmarks/micro/bench_router.py decision [--json]
-    python benchmarks/micro/bench_router.py proxy --sglang-router-python /tmp/sgr/bin/python [--json]
+    python benchmarks/micro/bench_router.py proxy --sglang-router-python /tmp/sgr/bin/python \
+        [--length-model DIR] [--json]
 
 Results: ``benchmarks/results/micro_router.json`` (written with ``--out``).
 """
@@ -223,7 +224,8 @@ def bench_proxy(args) -> dict:
             port = free_port()
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "block_sgl.launch_router", "--worker-urls", worker,
-                 "--port", str(port), "--policy", "block", "--log-level", "warning"]))
+                 "--port", str(port), "--policy", "block", "--log-level", "warning"]
+                + (["--length-model", args.length_model] if args.length_model else [])))
             routers["block_sgl"] = (f"http://127.0.0.1:{port}", procs[-1])
             # The floor of any aiohttp proxy here (no routing, no parsing): see bare_proxy.py.
             port = free_port()
@@ -276,7 +278,7 @@ def bench_proxy(args) -> dict:
             for proc in procs:
                 proc.terminate()
                 proc.wait(15)
-    return {"rows": rows, "router_rss_mb": rss}
+    return {"rows": rows, "router_rss_mb": rss, "block_sgl_length_model": args.length_model}
 
 
 def main(argv=None):
@@ -287,6 +289,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sglang-router-python",
                     help="python of a venv with sglang-router==0.3.2 (side-by-side baseline)")
+    ap.add_argument("--length-model", default=None,
+                    help="a train_length directory the block_sgl router loads (its RSS target is "
+                         "with the tokenizer and a length model loaded)")
     ap.add_argument("--log-dir", default=None)
     ap.add_argument("--out", help="merge results into this JSON file")
     ap.add_argument("--json", action="store_true", help="print the results as JSON last")
