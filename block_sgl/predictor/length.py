@@ -31,10 +31,10 @@ missing, corrupt or mismatched file with the reason.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
-import functools
 import math
 import os
 import statistics
