@@ -506,11 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policies", nargs="+", default=["block", "round_robin", "least_requests",
                                                     "cache_aware"],
                    help="block_sgl policies; NAME+oracle = the router sees output lengths; "
-                        "NAME+lm = the router loads --length-model")
+                        "NAME+lm = the router loads --length-model; NAME+lm-mean = the same "
+                        "with --length-estimate mean")
     g.add_argument("--length-model", default=None,
                    help="response-length model directory (python -m "
                         "block_sgl.predictor.train_length) for the NAME+lm rows; train it on "
-                        "ShareGPT conversations the sharegpt workload does not use: --limit 4000")
+                        "ShareGPT conversations the sharegpt workload does not use: "
+                        "--exclude-conversations 4000:8000 (or --limit 4000)")
     g.add_argument("--sglang-router-policies", nargs="*", default=["cache_aware", "round_robin"])
     g.add_argument("--sglang-router-python", default=None,
                    help=f"python with sglang-router 0.3.2 (default {DEFAULT_SGR}; 'none' = skip)")
