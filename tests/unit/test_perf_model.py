@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from block_sgl.predictor.perf_model import (
     STEP_MODEL_SCHEMA, OnlineCalibrator, StepRecord, StepRecords, fit, fit_profile,
@@ -279,3 +281,81 @@ def test_batched_nnls_equals_the_subset_loop():
             np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-9)
     finally:
         pm._nnls_gram_subsets = original
+
+
+def _reference_fit(records: StepRecords, prior: StepModel | None) -> StepModel:
+    """``fit`` one knee and one weighting at a time, as written before the batched solve: the
+    augmented least-squares matrix (data rows + one prior row per positive coefficient) and
+    the one-subset-at-a-time NNLS."""
+    from block_sgl.predictor.perf_model import FitOptions, _nnls_gram_subsets
+
+    opts = FitOptions()
+    inv_y = 1.0 / records.seconds
+    n_tok = records.prefill_tokens + records.decode_seqs
+    names = ("const_s", "per_token_s", "per_prefill_pair_s", "per_decode_context_token_s")
+    prior_c = None if prior is None else [getattr(prior, c) for c in names]
+
+    def solve(knee, w):
+        x = np.column_stack([np.ones_like(n_tok), np.maximum(n_tok - knee, 0.0),
+                             records.prefill_context_tokens,
+                             records.decode_context_tokens]) * inv_y[:, None]
+        scale = np.abs(x).max(axis=0)
+        scale[scale == 0] = 1.0
+        a, b = x / scale * np.sqrt(w)[:, None], np.sqrt(w)
+        if prior_c is not None:
+            lam = math.sqrt(opts.prior_weight)
+            for j, p in enumerate(prior_c):
+                if p > 0:
+                    row = np.zeros(4)
+                    row[j] = lam / (p * scale[j])
+                    a, b = np.vstack([a, row]), np.append(b, lam)
+        coef = _nnls_gram_subsets(a.T @ a, a.T @ b, float(b @ b)) / scale
+        resid = x @ coef - 1.0
+        return coef, float(np.sum(w * resid * resid)), resid
+
+    ones = np.ones(len(inv_y))
+    coarse = np.arange(0.0, min(opts.knee_max, n_tok.max()) + 16, 16.0)
+    k0 = coarse[int(np.argmin([solve(k, ones)[1] for k in coarse]))]
+    best = None
+    for knee in np.arange(max(0.0, k0 - 16), k0 + 16 + 1e-9, 1.0):
+        coef, _, resid = solve(knee, ones)
+        for _ in range(opts.irls_iterations):
+            r = np.abs(resid)
+            coef, _, resid = solve(knee, np.where(r <= 0.05, 1.0, 0.05 / np.maximum(r, 1e-300)))
+        r = np.abs(resid)
+        loss = float(np.sum(np.where(r <= 0.05, 0.5 * r * r, 0.05 * (r - 0.025))))
+        if best is None or loss < best[0] - 1e-15:
+            best = (loss, knee, coef)
+    return StepModel(knee_tokens=float(best[1]), **{c: max(float(v), 0.0)
+                                                   for c, v in zip(names, best[2])})
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(16, 300), with_prior=st.booleans(),
+       misfit=st.booleans())
+def test_batched_fit_equals_the_one_knee_at_a_time_reference(seed, n, with_prior, misfit):
+    """``fit`` solves every knee of a stage in one batched pass (the router's subscriber thread
+    refits on 1024-record windows); it must pick the same knee and coefficients as the plain
+    per-knee, per-iteration loop — on records the model fits and on ones it cannot (a noisy
+    window of decode steps whose unconstrained optimum is infeasible). At least 16 random
+    steps, so that each knee's optimum is unique (with fewer records than unknowns any of many
+    optima is right, and rounding picks one)."""
+    rng = np.random.default_rng(seed)
+    prefill = np.where(rng.random(n) < 0.3, rng.integers(1, 3000, n), 0).astype(float)
+    decode = rng.integers(0, 64, n).astype(float)
+    decode[prefill + decode == 0] = 1
+    truth = StepModel(const_s=rng.uniform(1e-3, 2e-2), per_token_s=rng.uniform(0, 5e-5),
+                      knee_tokens=float(rng.integers(0, 400)),
+                      per_prefill_pair_s=rng.uniform(0, 2e-9),
+                      per_decode_context_token_s=rng.uniform(0, 2e-7))
+    records = StepRecords(prefill, prefill * rng.integers(0, 3000, n), decode,
+                          decode * rng.integers(100, 2000, n), np.ones(n))
+    seconds = predict_seconds(truth, records) * rng.lognormal(0, 0.2, n)
+    if misfit:
+        seconds = np.abs(0.005 + rng.normal(0, 0.003, n)) + 1e-4
+    records = StepRecords(records.prefill_tokens, records.prefill_context_tokens,
+                          records.decode_seqs, records.decode_context_tokens, seconds)
+    prior = DEFAULT_H100_LLAMA2_7B if with_prior else None
+    got, want = fit(records, prior=prior), _reference_fit(records, prior)
+    assert got.knee_tokens == want.knee_tokens
+    np.testing.assert_allclose(got.as_array(), want.as_array(), rtol=1e-7, atol=1e-18)
