@@ -79,8 +79,27 @@ class RequestTable:
 
     @classmethod
     def empty(cls) -> "RequestTable":
-        z = np.zeros(0, dtype=np.int64)
-        return cls(z, z, z, z, z, z)
+        """The empty table (one shared, read-only instance: built once per process, not at every
+        decision)."""
+        if cls is RequestTable:
+            return _EMPTY_TABLE
+        return cls.from_packed(np.zeros((_spec.N_FIELDS, 0), dtype=np.int64))
+
+    @classmethod
+    def from_packed(cls, packed: np.ndarray) -> "RequestTable":
+        """A table over the kernel layout ``packed`` ((fields, n) int64, C-contiguous; e.g. one
+        ``np.array`` of the six columns), without copying it column by column: the router
+        builds tables from every new snapshot."""
+        if not (isinstance(packed, np.ndarray) and packed.dtype == np.int64 and packed.ndim == 2
+                and packed.shape[0] == _spec.N_FIELDS and packed.flags.c_contiguous):
+            raise ValueError(f"packed must be a C-contiguous int64 array of shape "
+                             f"({_spec.N_FIELDS}, n), got {getattr(packed, 'dtype', type(packed))} "
+                             f"{getattr(packed, 'shape', '')}")
+        table = object.__new__(cls)
+        for i, f in enumerate(_spec.FIELDS):
+            object.__setattr__(table, f, packed[i])
+        object.__setattr__(table, "packed", packed)
+        return table
 
     @classmethod
     def from_rows(cls, rows: Sequence[Sequence[int]]) -> "RequestTable":
@@ -106,8 +125,11 @@ class RequestTable:
         return np.ascontiguousarray(a.T)
 
     def concat(self, other: "RequestTable") -> "RequestTable":
-        p = np.concatenate([self.packed, other.packed], axis=1)
-        return RequestTable(*p)
+        return RequestTable.from_packed(np.concatenate([self.packed, other.packed], axis=1))
+
+
+_EMPTY_TABLE = RequestTable.from_packed(np.zeros((_spec.N_FIELDS, 0), dtype=np.int64))
+_EMPTY_TABLE.packed.flags.writeable = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,7 +107,7 @@ def main() -> None:
             time.sleep(0.3)
             snap = state.snapshot
             ids = list(range(1000 + 40 * k, 1032 + 40 * k))
-            pred = fastsim.predict(instance_state(cfg, snap, lambda *a: 1),
+            pred = fastsim.predict(instance_state(cfg, snap, lambda cols: [1] * len(cols)),
                                    fastsim.Candidate(len(ids), 0, 4, 4, True), step_model)
             res = {}
             stream_generate(url, f"cal-{k}", ids, 4, res)
@@ -132,7 +132,9 @@ def main() -> None:
                 sent[rid]["seen"] = True
             # Sent but not yet in any snapshot (and not already finished): fastsim's "pending".
             pending = [s for rid, s in sent.items() if not s["seen"] and "e2e" not in results[rid]]
-            st = instance_state(cfg, snap, lambda rid, i, o, m, e: true_out.get(rid, m))
+            st = instance_state(
+                cfg, snap, lambda cols: [true_out.get(rid, m) for rid, m in
+                                         zip(cols.rid, cols.max_new_tokens)])
             if pending:
                 st = st.with_pending(fastsim.RequestTable.from_rows(
                     [(s["input_len"], s["prefix"], 0, s["out"], 1, s["out"]) for s in pending]))

@@ -55,7 +55,7 @@ def main() -> None:
         n_in, n_out = args.input_len, args.output_len
         for case, size in (("alone", 1), ("batch", args.batch)):
             time.sleep(1.0)  # idle instance, fresh snapshot
-            base = instance_state(cfg, state.snapshot, lambda *a: n_out)
+            base = instance_state(cfg, state.snapshot, lambda cols: [n_out] * len(cols))
             sent, preds, results, threads = [], [], [{} for _ in range(size)], []
             for k in range(size):
                 ids = [100 + (7919 * (k + 1) * (i + 1)) % 20000 for i in range(n_in)]  # no sharing

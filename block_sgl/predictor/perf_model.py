@@ -188,39 +188,56 @@ _LSTSQ_RCOND = np.finfo(float).eps * 4
 
 
 def _nnls_gram(g: np.ndarray, h: np.ndarray, bb: float) -> np.ndarray:
-    """min ||a x - b||^2 s.t. x >= 0 given the normal equations g = a'a, h = a'b, bb = b'b.
+    """min ||a x - b||^2 s.t. x >= 0 given the normal equations g = a'a, h = a'b, bb = b'b
+    (one problem; ``_nnls_gram_many`` solves a stack)."""
+    return _nnls_gram_many(g[None], np.asarray(h)[None], np.array([bb]))[0]
+
+
+def _nnls_gram_many(g: np.ndarray, h: np.ndarray, bb: np.ndarray) -> np.ndarray:
+    """``_nnls_gram`` for a stack of K problems (g (K, 4, 4), h (K, 4), bb (K,)) → (K, 4).
 
     Exact for the 4 unknowns here: the best feasible unconstrained solution over all subsets of
     free columns (the optimum of an NNLS is the least-squares solution on its support). The 15
-    subset systems are solved in one batched call (each padded to 4x4 with the identity outside
-    its support, so the solution is 0 there); when one of them is singular, all are solved
-    with one batched pseudo-inverse instead (the minimum-norm solution on each support, as
-    ``_nnls_gram_subsets``, the one-subset-at-a-time reference, takes with ``lstsq``). The
-    infeasible case is the common one on step records the model form does not fit (a real-CPU
-    instance), where the per-subset loop made a refit cost ~120 ms here; singular systems are
-    common when every step has the same shape (e.g. a stream of identical short requests, where
-    the loop took ~0.7 ms of router CPU per proxied request in a profile)."""
+    subset systems of every problem that needs them are solved in one batched call (each
+    padded to 4x4 with the identity outside its support, so the solution is 0 there); when one
+    of them is singular, all are solved with one batched pseudo-inverse instead (the
+    minimum-norm solution on each support, as ``_nnls_gram_subsets``, the one-subset-at-a-time
+    reference, takes with ``lstsq``). The infeasible case is the common one on step records the
+    model form does not fit (a real-CPU instance), where the per-subset loop made a refit cost
+    ~120 ms here; singular systems are common when every step has the same shape (e.g. a
+    stream of identical short requests, where the loop took ~0.7 ms of router CPU per proxied
+    request in a profile), or when a knee lies above every step's token count."""
+    x = None
     try:
-        x = np.linalg.solve(g, h)
-        if np.all(x >= 0):  # the common case: the unconstrained optimum is feasible
-            return x
+        x = np.linalg.solve(g, h[:, :, None])[:, :, 0]
+        todo = np.flatnonzero((x < 0).any(axis=1))  # the unconstrained optimum is infeasible
     except np.linalg.LinAlgError:
-        pass
-    systems = np.where(_SUBSET_PAIRS, g, _EYE4)
-    rhs = np.where(_SUBSET_MASKS, h, 0.0)[:, :, None]
+        todo = np.arange(len(g))
+        x = np.empty((len(g), g.shape[-1]))
+    if not len(todo):
+        return x
+    gs, hs, bbs = g[todo], h[todo], bb[todo]
+    systems = np.where(_SUBSET_PAIRS, gs[:, None], _EYE4)               # (M, 15, 4, 4)
+    rhs = np.where(_SUBSET_MASKS, hs[:, None, :], 0.0)[..., None]         # (M, 15, 4, 1)
     try:
-        xs = np.linalg.solve(systems, rhs)[:, :, 0]
+        xs = np.linalg.solve(systems, rhs)[..., 0]
     except np.linalg.LinAlgError:
         # lstsq's default cut-off (eps * max(M, N)), so that the answers match the reference
-        xs = (np.linalg.pinv(systems, rcond=_LSTSQ_RCOND) @ rhs)[:, :, 0]
+        xs = (np.linalg.pinv(systems, rcond=_LSTSQ_RCOND) @ rhs)[..., 0]
         xs = np.where(_SUBSET_MASKS, xs, 0.0)  # exactly 0 off the support (SVD leaves ~1e-15)
-    losses = (np.einsum("si,ij,sj->s", xs, g, xs) - 2.0 * (xs @ h) + bb).tolist()
-    feasible = (xs >= 0).all(axis=1).tolist()
-    best, best_loss = None, bb
+    losses = (np.einsum("msi,mij,msj->ms", xs, gs, xs) - 2.0 * np.einsum("msi,mi->ms", xs, hs)
+              + bbs[:, None])
+    feasible = (xs >= 0).all(axis=2)
+    best = np.full(len(todo), -1)
+    best_loss = bbs.copy()
+    tol = 1e-12 * np.abs(bbs)
     for k in range(len(_SUBSETS)):  # in subset order, as _nnls_gram_subsets
-        if feasible[k] and losses[k] < best_loss - 1e-12 * abs(bb):
-            best, best_loss = k, losses[k]
-    return np.zeros(len(h)) if best is None else xs[best].copy()
+        better = feasible[:, k] & (losses[:, k] < best_loss - tol)
+        best = np.where(better, k, best)
+        best_loss = np.where(better, losses[:, k], best_loss)
+    chosen = xs[np.arange(len(todo)), np.maximum(best, 0)]
+    x[todo] = np.where((best >= 0)[:, None], chosen, 0.0)
+    return x
 
 
 def _nnls_gram_subsets(g: np.ndarray, h: np.ndarray, bb: float) -> np.ndarray:
@@ -302,18 +319,7 @@ class _Problem:
                     g[:, j, j] += lam * r * r
                     h[:, j] += lam * r
                     bb = bb + lam
-        coef_scaled = None
-        try:
-            coef_scaled = np.linalg.solve(g, h[:, :, None])[:, :, 0]
-        except np.linalg.LinAlgError:
-            pass
-        if coef_scaled is None:
-            coef_scaled = np.array([_nnls_gram(g[k], h[k], float(bb[k]))
-                                    for k in range(len(knees))])
-        else:
-            for k in np.flatnonzero((coef_scaled < 0).any(axis=1)):
-                coef_scaled[k] = _nnls_gram(g[k], h[k], float(bb[k]))
-        coef = coef_scaled / scale
+        coef = _nnls_gram_many(g, h, np.broadcast_to(bb, len(knees))) / scale
         resid = (x @ coef[:, :, None])[:, :, 0] - 1.0  # relative residuals of the data rows
         return coef, np.sum(w * resid * resid, axis=1), resid, rows
 

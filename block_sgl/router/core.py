@@ -94,6 +94,8 @@ class Worker:
     _oldest_pending: float = 0.0
     _state_cache: tuple | None = None
     """(snapshot, fastsim.InstanceState without pending, hello)."""
+    _config: tuple | None = None
+    """(hello, its fastsim.InstanceConfig)."""
     _coeffs: tuple | None = None
 
     @property
@@ -254,23 +256,40 @@ class Router:
         has not reached yet keeps that; otherwise — no model, or it outlived its prediction —
         the mean total of recent completions that outlived what it has generated so far
         (``lengths.OutputLengthStats``: without this, fastsim would expect a survivor of a
-        heavy-tailed length distribution to finish on its next step)."""
+        heavy-tailed length distribution to finish on its next step). Per request, in order:
+
+        1. ``ignore_eos`` (and ``use_ignore_eos_hint``) → ``max_new_tokens``;
+        2. a prediction of this router's (``rid_pred``), with a length model, not yet reached →
+           that prediction;
+        3. nothing completed yet → that prediction if any, else min(mean, ``max_new_tokens``);
+        4. else max(1, min(round(E[L | L > generated]), ``max_new_tokens``)).
+
+        Columnar (one numpy pass per queue): a busy instance sends a new snapshot every
+        ~10 ms, and a per-request Python rule cost ~100 µs per 40-request snapshot."""
         mean = self.mean_output_len()
         hint = self.config.use_ignore_eos_hint
         model = self.length_predictor is not None
-        expected_total = self.output_lengths.expected_total
+        stats = self.output_lengths
+        rid_pred = worker.rid_pred
 
-        def predict(rid: str, input_len: int, output_len: int, max_new_tokens: int,
-                    ignore_eos: bool) -> int:
-            if ignore_eos and hint:
-                return max_new_tokens
-            known = worker.rid_pred.get(rid)
-            if known is not None and model and output_len < known:
-                return known
-            expected = expected_total(output_len)
+        def predict(cols: p.RequestColumns) -> np.ndarray:
+            generated = np.asarray(cols.output_len, dtype=np.int64)
+            max_new = np.asarray(cols.max_new_tokens, dtype=np.int64)
+            expected = stats.expected_totals(generated)
             if expected is None:  # nothing completed yet
-                return known if known is not None else min(mean, max_new_tokens)
-            return max(1, min(round(expected), max_new_tokens))
+                out = np.minimum(mean, max_new)
+            else:
+                out = np.maximum(1, np.minimum(np.round(expected), max_new)).astype(np.int64)
+            if rid_pred:
+                for i, rid in enumerate(cols.rid):
+                    known = rid_pred.get(rid)
+                    if known is not None and ((model and generated[i] < known)
+                                              or expected is None):
+                        out[i] = known
+            if hint:
+                eos = np.asarray(cols.ignore_eos, dtype=bool)
+                out = np.where(eos, max_new, out)
+            return out
         return predict
 
     # -- per-worker view ----------------------------------------------------------------------
@@ -353,7 +372,9 @@ class Router:
                 and worker._state_cache[2] is hello:
             base = worker._state_cache[1]
         else:
-            cfg = instance_config(hello)
+            if worker._config is None or worker._config[0] is not hello:
+                worker._config = (hello, instance_config(hello))
+            cfg = worker._config[1]
             if stale or snap is None:
                 # Stale stream: only what this router sent there is known (assume no other
                 # traffic; documented in README "stale instances").

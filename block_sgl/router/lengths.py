@@ -20,6 +20,8 @@ import bisect
 import collections
 import itertools
 
+import numpy as np
+
 
 class OutputLengthStats:
     """Output lengths of the last ``window`` completed requests."""
@@ -30,6 +32,8 @@ class OutputLengthStats:
         self._recent: collections.deque[int] = collections.deque(maxlen=window)
         self._sorted: list[int] = []
         self._suffix: list[int] = []  # _suffix[i] = sum(_sorted[i:])
+        self._arrays = (np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64))
+        """(_sorted, _suffix) as arrays, for ``expected_totals``."""
         self._stale = 0  # completions since the sorted table was built
 
     def __len__(self) -> int:
@@ -46,6 +50,8 @@ class OutputLengthStats:
         if self._stale and self._stale * 32 >= len(self._recent):
             self._sorted = sorted(self._recent)
             self._suffix = list(itertools.accumulate(reversed(self._sorted)))[::-1] + [0]
+            self._arrays = (np.array(self._sorted, dtype=np.int64),
+                            np.array(self._suffix, dtype=np.int64))
             self._stale = 0
         return self._sorted
 
@@ -62,3 +68,15 @@ class OutputLengthStats:
         if i == n:
             return generated + self._suffix[0] / n
         return self._suffix[i] / (n - i)
+
+    def expected_totals(self, generated: np.ndarray) -> np.ndarray | None:
+        """``expected_total`` of every element of ``generated`` (int array), as float64; None
+        when the window is empty. One pass for a whole snapshot's requests."""
+        table = self._table()
+        n = len(table)
+        if n == 0:
+            return None
+        ordered, suffix = self._arrays
+        i = np.searchsorted(ordered, generated, side="right")
+        inside = np.minimum(i, n - 1)
+        return np.where(i == n, generated + suffix[0] / n, suffix[inside] / (n - inside))

@@ -9,16 +9,16 @@ SGLang keeps the chunked request outside both queues; fastsim wants it in the wa
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from block_sgl import protocol as p
 from block_sgl.fastsim import InstanceConfig, InstanceState, RequestTable
 
-OutputLengthOracle = Callable[[str, int, int, int, bool], int]
-"""(rid, input_len, output_len so far, max_new_tokens, ignore_eos) → predicted total output
-length."""
+OutputLengthOracle = Callable[[p.RequestColumns], Sequence[int]]
+"""A queue's columns (rid, input_len, output_len so far, max_new_tokens, ignore_eos, ...) →
+the predicted total output length of each of its requests, in order."""
 
 
 def instance_config(hello: p.Hello) -> InstanceConfig:
@@ -32,11 +32,18 @@ def instance_config(hello: p.Hello) -> InstanceConfig:
 def request_table(cols: p.RequestColumns, predict_output: OutputLengthOracle) -> RequestTable:
     if not len(cols):
         return RequestTable.empty()
-    pred = [predict_output(r, i, o, m, e) for r, i, o, m, e in
-            zip(cols.rid, cols.input_len, cols.output_len, cols.max_new_tokens, cols.ignore_eos)]
-    prefix = np.minimum(np.asarray(cols.prefix_len), np.asarray(cols.input_len))
-    return RequestTable(np.asarray(cols.input_len), prefix, np.asarray(cols.output_len),
-                        np.asarray(cols.max_new_tokens), np.asarray(cols.ignore_eos), np.asarray(pred))
+    for name in ("input_len", "prefix_len", "output_len", "max_new_tokens", "ignore_eos"):
+        if len(getattr(cols, name)) != len(cols.rid):
+            raise ValueError(f"snapshot columns: {name} has {len(getattr(cols, name))} entries, "
+                             f"rid has {len(cols.rid)}")
+    pred = predict_output(cols)
+    if len(pred) != len(cols.rid):
+        raise ValueError(f"predict_output gave {len(pred)} lengths for {len(cols.rid)} requests")
+    # One array in the kernel's layout (RequestTable's column order), not six then a stack.
+    packed = np.array([cols.input_len, cols.prefix_len, cols.output_len, cols.max_new_tokens,
+                       cols.ignore_eos, pred], dtype=np.int64)
+    np.minimum(packed[1], packed[0], out=packed[1])  # a prefix never exceeds its prompt
+    return RequestTable.from_packed(packed)
 
 
 def instance_state(config: InstanceConfig, snap: p.Snapshot, predict_output: OutputLengthOracle,

@@ -434,3 +434,27 @@ def test_expected_arrivals_lengthen_the_prediction_of_a_long_request():
     assert len(loaded_state.arrays_with_pending(pending)) == 7
     with pytest.raises(ValueError, match="both future and future_times"):
         state.with_future(future[0], None)
+
+
+def test_from_packed_is_the_column_table_and_validates_its_layout():
+    """``RequestTable.from_packed`` (the router builds a table from every new snapshot this
+    way) is the same table as the six columns given one by one, over the same memory; anything
+    but a C-contiguous (6, n) int64 array is refused."""
+    rng = np.random.default_rng(5)
+    cols = [rng.integers(0, 5000, 7) for _ in range(6)]
+    packed = np.array(cols, dtype=np.int64)
+    table, reference = RequestTable.from_packed(packed), RequestTable(*cols)
+    assert len(table) == 7 and table.packed is packed
+    for f in _fastsim_py.FIELDS:
+        assert np.array_equal(getattr(table, f), getattr(reference, f))
+    assert np.array_equal(table.concat(reference).packed,
+                          np.concatenate([reference.packed, reference.packed], axis=1))
+    for bad in (packed.astype(np.int32), packed[:5], packed.T.copy(), packed[:, ::2],
+                packed.tolist()):
+        with pytest.raises(ValueError, match="C-contiguous int64 array of shape"):
+            RequestTable.from_packed(bad)
+    empty = RequestTable.empty()
+    assert empty is RequestTable.empty() and len(empty) == 0  # shared, built once
+    with pytest.raises(ValueError):
+        empty.packed[:] = 1  # read-only: no caller can change everyone's empty table
+    assert len(InstanceState(CFG, empty, empty, free_kv_tokens=10).pending) == 0

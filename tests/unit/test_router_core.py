@@ -4,7 +4,10 @@ matching, predictive picks, stale instances, health, provisioning."""
 import math
 import time
 
+import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from block_sgl import protocol as p
 from block_sgl.page_hash import page_hashes
@@ -205,10 +208,10 @@ def test_running_requests_past_the_mean_are_expected_to_run_long():
     assert d.worker == 1 and v1.predicted_ttft_s < v0.predicted_ttft_s
     # What fastsim was told: w0's survivors run to 1500, w1's to the mean of those past 50.
     predict = router._snapshot_output_len(router.workers[0])
-    assert predict("r0-0", 100, 600, 4000, False) == 1500
-    assert predict("r1-0", 100, 50, 4000, False) == 380
-    assert predict("r1-0", 100, 50, 1000, False) == 380
-    assert predict("r0-0", 100, 600, 1200, False) == 1200  # capped by max_new_tokens
+    queue = p.RequestColumns(rid=["r0-0", "r1-0", "r1-0", "r0-0"], input_len=[100] * 4,
+                             prefix_len=[0] * 4, output_len=[600, 50, 50, 600],
+                             max_new_tokens=[4000, 4000, 1000, 1200], ignore_eos=[False] * 4)
+    assert list(predict(queue)) == [1500, 380, 380, 1200]  # the last capped by max_new_tokens
 
 
 def test_stale_instance_is_routed_on_the_routers_own_accounting():
@@ -309,3 +312,90 @@ def test_pooled_connections_are_dropped_before_sglang_closes_them():
     instance; the router's idle limit must stay under SGLang's (uvicorn's) keep-alive timeout."""
     envs = pytest.importorskip("sglang.srt.environ").envs
     assert RouterConfig(worker_urls=URLS).upstream_keepalive_s < envs.SGLANG_TIMEOUT_KEEP_ALIVE.get()
+
+
+def test_instance_state_from_a_snapshot_equals_the_column_tables():
+    """``router.state.instance_state`` builds fastsim's tables in one array per queue; they
+    hold the snapshot's columns (prefix clipped to the prompt, the chunked request first in
+    the waiting table) and the predicted lengths; ragged columns are refused by name."""
+    from block_sgl.fastsim import RequestTable
+    from block_sgl.router.state import instance_config, instance_state
+
+    hello = p.Hello(instance_id="i0", url="http://a", model="m", page_size=1,
+                    max_total_num_tokens=10_000, max_running_requests=8,
+                    chunked_prefill_size=512, max_prefill_tokens=4096, schedule_policy="fcfs")
+    running = p.RequestColumns(rid=["a", "b"], input_len=[100, 40], prefix_len=[20, 90],
+                               output_len=[5, 0], max_new_tokens=[64, 32],
+                               ignore_eos=[False, True])
+    waiting = p.RequestColumns(rid=["c"], input_len=[300], prefix_len=[0], output_len=[0],
+                               max_new_tokens=[128], ignore_eos=[False])
+    chunked = p.RequestColumns(rid=["d"], input_len=[2000], prefix_len=[0], output_len=[0],
+                               max_new_tokens=[16], ignore_eos=[False])
+    snap = p.Snapshot(instance_id="i0", time=100.0, forward_ct=3, running=running,
+                      waiting=waiting, chunked=chunked, chunked_done_tokens=512,
+                      free_tokens=7000, evictable_tokens=300, max_total_num_tokens=10_000,
+                      new_token_ratio=0.4)
+    predicted = {"a": 50, "b": 32, "c": 77, "d": 9}
+    state = instance_state(instance_config(hello), snap,
+                           lambda cols: [predicted[r] for r in cols.rid], now=100.25)
+    expect_running = RequestTable([100, 40], [20, 40], [5, 0], [64, 32], [0, 1], [50, 32])
+    expect_waiting = RequestTable([2000, 300], [0, 0], [0, 0], [16, 128], [0, 0], [9, 77])
+    assert np.array_equal(state.running.packed, expect_running.packed)
+    assert np.array_equal(state.waiting.packed, expect_waiting.packed)
+    assert (state.chunked_idx, state.chunked_prefilled) == (0, 512)
+    assert (state.free_kv_tokens, state.evictable_tokens, state.elapsed_s) == (7000, 300, 0.25)
+    ragged = p.Snapshot(instance_id="i0", time=100.0, forward_ct=3,
+                        running=p.RequestColumns(rid=["a", "b"], input_len=[100],
+                                                 prefix_len=[0, 0], output_len=[0, 0],
+                                                 max_new_tokens=[8, 8], ignore_eos=[False] * 2),
+                        waiting=p.RequestColumns(), free_tokens=1, evictable_tokens=0,
+                        max_total_num_tokens=10_000, new_token_ratio=0.5)
+    with pytest.raises(ValueError, match="input_len has 1 entries, rid has 2"):
+        instance_state(instance_config(hello), ragged, lambda cols: [1] * len(cols))
+
+
+@settings(max_examples=60, deadline=None)
+@given(completed=st.lists(st.integers(1, 3000), max_size=40),
+       requests=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 4000), st.booleans(),
+                                   st.one_of(st.none(), st.integers(1, 3000),
+                                             st.integers(-2, 2).map(lambda d: ("near", d)))),
+                         max_size=30),
+       with_model=st.booleans(), hint=st.booleans())
+@example(completed=[100], requests=[(50, 4000, False, ("near", 0))], with_model=True, hint=True)
+def test_snapshot_lengths_follow_the_per_request_rule(completed, requests, with_model, hint):
+    """The columnar ``_snapshot_output_len`` (one numpy pass per queue) gives every request
+    what the per-request rule in its docstring gives."""
+    router = make_router(use_ignore_eos_hint=hint)
+    if with_model:
+        router.length_predictor = FixedLengthModel()
+    for n in completed:
+        router.output_lengths.add(n)
+        router.completed_requests += 1
+        router.completed_output_tokens += n
+    worker = router.workers[0]
+    # ("near", d): this router predicted d tokens more than the request has generated (the
+    # boundary of "not yet reached")
+    requests = [(g, m, e, max(1, g + k[1]) if isinstance(k, tuple) else k)
+                for g, m, e, k in requests]
+    rids = [f"q{i}" for i in range(len(requests))]
+    worker.rid_pred = {rid: known for rid, (_, _, _, known) in zip(rids, requests)
+                       if known is not None}
+    cols = p.RequestColumns(rid=rids, input_len=[10] * len(rids), prefix_len=[0] * len(rids),
+                            output_len=[g for g, _, _, _ in requests],
+                            max_new_tokens=[m for _, m, _, _ in requests],
+                            ignore_eos=[e for _, _, e, _ in requests])
+    mean = router.mean_output_len()
+
+    def rule(rid, generated, max_new, ignore_eos):
+        if ignore_eos and hint:
+            return max_new
+        known = worker.rid_pred.get(rid)
+        if known is not None and with_model and generated < known:
+            return known
+        expected = router.output_lengths.expected_total(generated)
+        if expected is None:
+            return known if known is not None else min(mean, max_new)
+        return max(1, min(round(expected), max_new))
+
+    got = router._snapshot_output_len(worker)(cols)
+    assert [int(x) for x in got] == [rule(r, g, m, e) for r, (g, m, e, _) in zip(rids, requests)]
