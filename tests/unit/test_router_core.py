@@ -359,12 +359,14 @@ def test_instance_state_from_a_snapshot_equals_the_column_tables():
        requests=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 4000), st.booleans(),
                                    st.one_of(st.none(), st.integers(1, 3000),
                                              st.integers(-2, 2).map(lambda d: ("near", d)))),
-                         max_size=30),
+                         max_size=40),
        with_model=st.booleans(), hint=st.booleans())
 @example(completed=[100], requests=[(50, 4000, False, ("near", 0))], with_model=True, hint=True)
+@example(completed=[100], requests=[(50, 4000, False, ("near", 0))] * 20, with_model=True,
+         hint=True)
 def test_snapshot_lengths_follow_the_per_request_rule(completed, requests, with_model, hint):
-    """The columnar ``_snapshot_output_len`` (one numpy pass per queue) gives every request
-    what the per-request rule in its docstring gives."""
+    """``_snapshot_output_len`` gives every request what the per-request rule in its docstring
+    gives, on short queues (request by request) and long ones (one numpy pass)."""
     router = make_router(use_ignore_eos_hint=hint)
     if with_model:
         router.length_predictor = FixedLengthModel()
