@@ -6,12 +6,16 @@
    and again with every instance's snapshot new at each decision (a busy instance publishes
    one every ~10 ms, so a live router rebuilds fastsim's view of most instances per decision);
    tokenisation of the same prompt is reported separately. No network.
-2. ``proxy``: added latency of the block_sgl router vs a direct connection, vs sglang-router
+2. ``fit``: one refit of the step model on a full calibration window (1024 records), mixed
+   and repeated step shapes (the router's stream thread runs it at most twice per
+   ``--calibration-refit-interval``).
+3. ``proxy``: added latency of the block_sgl router vs a direct connection, vs sglang-router
    0.3.2 and vs the floor of any aiohttp proxy (``bare_proxy.py``), side by side in one run, in front of one real SGLang CPU instance (tiny model, no
    emulation: requests are short): non-streaming latency and streaming time to first byte on
    keep-alive connections, sequential and at concurrency 8 / 32; and each router's RSS.
 
     python benchmarks/micro/bench_router.py decision [--json]
+    python benchmarks/micro/bench_router.py fit [--json]
     python benchmarks/micro/bench_router.py proxy --sglang-router-python /tmp/sgr/bin/python \
         [--length-model DIR] [--json]
 
@@ -21,6 +25,7 @@ Results: ``benchmarks/results/micro_router.json`` (written with ``--out``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import json
 import os
@@ -125,6 +130,42 @@ def bench_decision(n_instances: int, repeats: int, prompt_tokens: int = 2000) ->
             "decision_new_snapshots_p50_us": float(np.median(fresh_times) * 1e6),
             "of_which_page_hashing_p50_us": float(np.median(matched_times) * 1e6),
             "full_chain_page_hashing_p50_us": float(np.median(full_times) * 1e6)}
+
+
+def bench_fit(repeats: int) -> list[dict]:
+    """``perf_model.fit`` on a full calibration window (1024 records), as the router's stream
+    thread runs it at most twice per ``--calibration-refit-interval``: random mixed step
+    shapes, and the few repeated shapes of an instance serving equal short requests (its
+    systems are singular at most knees)."""
+    from block_sgl.predictor import perf_model as pm
+    from block_sgl.predictor.step_model import DEFAULT_H100_LLAMA2_7B
+
+    rng = np.random.default_rng(0)
+    n = 1024
+    prefill = np.where(rng.random(n) < 0.2, rng.integers(1, 2000, n), 0).astype(float)
+    decode = rng.integers(0, 32, n).astype(float)
+    decode[prefill + decode == 0] = 1
+    shapes = pm.StepRecords(prefill, prefill * rng.integers(0, 3000, n), decode,
+                            decode * rng.integers(100, 2000, n), np.ones(n))
+    mixed = pm.StepRecords(*dataclasses.astuple(shapes)[:4], pm.predict_seconds(
+        DEFAULT_H100_LLAMA2_7B, shapes) * rng.lognormal(0, 0.1, n))
+    # equal 4-token prompts, 4 output tokens: a prefill step then decode steps of one sequence
+    phase = np.arange(n) % 5
+    prefill = np.where(phase == 0, 4.0, 0.0)
+    decode = np.where(phase == 0, 0.0, 1.0)
+    seconds = np.where(phase == 0, 0.012, 0.006) * rng.lognormal(0, 0.05, n)
+    repeated = pm.StepRecords(prefill, prefill * 2.5, decode, decode * (4 + phase), seconds)
+    rows = []
+    for kind, records in (("mixed-shape", mixed), ("repeated-shape", repeated)):
+        pm.fit(records, prior=DEFAULT_H100_LLAMA2_7B)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            pm.fit(records, prior=DEFAULT_H100_LLAMA2_7B)
+            times.append(time.perf_counter() - t)
+        rows.append({"records": n, "records_kind": kind,
+                     "fit_p50_ms": float(np.median(times) * 1e3)})
+    return rows
 
 
 def bench_tokenize(repeats: int) -> dict:
@@ -298,7 +339,7 @@ def bench_proxy(args) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("decision", "proxy", "all"))
+    ap.add_argument("what", choices=("decision", "fit", "proxy", "all"))
     ap.add_argument("--repeats", type=int, default=2000)
     ap.add_argument("--requests", type=int, default=100, help="requests per proxy cell and round")
     ap.add_argument("--rounds", type=int, default=3)
@@ -324,6 +365,11 @@ def main(argv=None):
                   f"the pick: {row['full_chain_page_hashing_p50_us']:.1f} µs)")
         t = result["tokenize"]
         print(f"tokenize {t['prompt_tokens']} tokens: p50 {t['tokenize_p50_us']:.0f} µs")
+    if args.what in ("fit", "all"):
+        result["step_model_fit"] = bench_fit(5)
+        for row in result["step_model_fit"]:
+            print(f"step-model fit of {row['records']} {row['records_kind']} records: "
+                  f"p50 {row['fit_p50_ms']:.1f} ms")
     if args.what in ("proxy", "all"):
         result["proxy"] = bench_proxy(args)
         print("router RSS (MB):", result["proxy"]["router_rss_mb"])
