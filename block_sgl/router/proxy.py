@@ -1,7 +1,9 @@
 """The router's HTTP front end (aiohttp): OpenAI-compatible and SGLang-native endpoints.
 
 Bodies are forwarded unchanged; responses are relayed byte for byte (SSE chunks as they
-arrive, with TCP_NODELAY on both sides so a chunk is never held back by Nagle's algorithm).
+arrive; aiohttp sets TCP_NODELAY on every connection it makes or accepts —
+``base_protocol.BaseProtocol.connection_made`` — so a chunk is never held back by Nagle's
+algorithm, the +16–33 ms sglang-router 0.3.2 adds to the first streamed byte).
 A request whose instance fails before the router relayed any byte of its answer is retried
 on another instance; a stream that breaks after bytes were relayed ends with an SSE error
 event. A client that disconnects has its upstream connection closed (SGLang aborts requests
@@ -15,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import socket
 import time
 
 import aiohttp
@@ -90,6 +91,8 @@ class RouterApp:
         self.session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
         self._aborts: set[asyncio.Task] = set()  # keep references until they finish
+        self._upstream_timeout = aiohttp.ClientTimeout(total=config.request_timeout_s,
+                                                       sock_connect=5)
         self.app = web.Application(client_max_size=64 * 1024 ** 2,
                                    middlewares=[self._auth_middleware])
         self.app.router.add_post("/generate", self.handle_generate)
@@ -423,11 +426,8 @@ class RouterApp:
         upstream = None
         try:
             try:
-                upstream = await self.session.post(
-                    worker.url + path, data=parsed.body, headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s,
-                                                  sock_connect=5))
-                _nodelay(upstream.connection)
+                upstream = await self.session.post(worker.url + path, data=parsed.body,
+                                                   headers=headers, timeout=self._upstream_timeout)
                 is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
                 if not is_sse:
                     payload = await upstream.read()
@@ -450,7 +450,6 @@ class RouterApp:
                             await client_resp.prepare(request)
                         except (ConnectionError, RuntimeError, aiohttp.ClientConnectionError) as e:
                             raise _ClientGone(str(e)) from e
-                        _nodelay(request.transport)
                     await _write(client_resp, chunk)
                     events += chunk.count(b"data:")
                     tail = chunk.rstrip()
@@ -546,14 +545,6 @@ def _relay_headers(headers, instance_url: str) -> dict:
     out = {k: v for k, v in headers.items() if k.lower() not in _HOP_BY_HOP}
     out[INSTANCE_HEADER] = instance_url
     return out
-
-
-def _nodelay(obj) -> None:
-    transport = getattr(obj, "transport", obj)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _meta_from_json(payload: bytes) -> tuple[str | None, int | None]:
