@@ -20,6 +20,7 @@ import math
 import time
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from block_sgl.router.config import RouterConfig
@@ -171,8 +172,8 @@ class RouterApp:
     async def _read_json(self, request: web.Request) -> tuple[bytes, dict]:
         body = await request.read()
         try:
-            obj = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            obj = _decode_json(body)
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
             raise BadRequest(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise BadRequest(400, "request body must be a JSON object")
@@ -547,10 +548,15 @@ def _relay_headers(headers, instance_url: str) -> dict:
     return out
 
 
+_decode_json = msgspec.json.Decoder().decode
+"""JSON → Python objects, as ``json.loads`` (≈ 1 µs instead of 7–8 for a request body or an
+SSE event here; three per request)."""
+
+
 def _meta_from_json(payload: bytes) -> tuple[str | None, int | None]:
     try:
-        obj = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        obj = _decode_json(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return None, None
     if isinstance(obj, list):
         obj = obj[0] if obj else {}

@@ -78,6 +78,9 @@ def test_response_metadata_extraction():
     assert _meta_from_json(b'{"meta_info": {"id": "r1", "completion_tokens": 4}}') == ("r1", 4)
     assert _meta_from_json(b'{"id": "c1", "usage": {"completion_tokens": 2}}') == ("c1", 2)
     assert _meta_from_json(b"not json") == (None, None)
+    assert _meta_from_json(b'{"id": "\xff\xfe"}') == (None, None)  # not UTF-8
+    assert _meta_from_json(b'[{"meta_info": {"id": "b0", "completion_tokens": 1}}]') == ("b0", 1)
+    assert _meta_from_json(b"[]") == (None, None) and _meta_from_json(b"7") == (None, None)
     assert _tokens_from_sse(b'data: {"meta_info": {"completion_tokens": 9}}', 3) == 9
     assert _tokens_from_sse(b'data: {"choices": []}', 3) == 3  # no usage: count the events
 
