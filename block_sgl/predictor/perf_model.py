@@ -178,12 +178,6 @@ class FitOptions:
     records cannot (e.g. the prefill coefficient of a window of decode steps)."""
 
 
-def _design(records: StepRecords, knee: float) -> np.ndarray:
-    n = records.prefill_tokens + records.decode_seqs
-    return np.column_stack([np.ones_like(n), np.maximum(n - knee, 0.0),
-                            records.prefill_context_tokens, records.decode_context_tokens])
-
-
 _LSTSQ_RCOND = np.finfo(float).eps * 4
 
 
