@@ -230,7 +230,7 @@ class SchedulerTap:
             now = time.perf_counter()
             self._record_step(batch, now)
             if now - self._last_snapshot >= self._snapshot_interval:
-                self._publish_snapshot(scheduler, now)
+                self._publish_snapshot(scheduler, now, batch)
         except Exception:
             self._failed("process_batch_result")
         self.hook_seconds += time.perf_counter() - now
@@ -290,18 +290,27 @@ class SchedulerTap:
         self._steps = p.StepRecords(instance_id=self.instance_id)
         return steps
 
-    def capture_snapshot(self, scheduler) -> _CapturedSnapshot:
-        """The scheduler thread's part of a Snapshot: which requests, the per-step values."""
+    def capture_snapshot(self, scheduler, batch=None) -> _CapturedSnapshot:
+        """The scheduler thread's part of a Snapshot: which requests, the per-step values.
+        ``batch``: the batch whose result was just processed (the hook's argument), if any."""
         if self._fault == "snapshot" and self._faults_left != 0:
             self._faults_left -= 1
             raise RuntimeError("injected fault (BLOCK_SGL_FAULT_INJECT=snapshot)")
         running = scheduler.running_batch.reqs
-        last = scheduler.last_batch
         chunked = scheduler.chunked_req
-        if last is not None and not last.forward_mode.is_decode():
-            # Freshly prefilled requests join running_batch at the next scheduling round.
+        # The requests of an EXTEND batch are in neither running_batch nor the waiting queue
+        # until the next scheduling round merges them (``get_next_batch_to_run(last_batch=…)``;
+        # ``event_loop_normal`` sets ``last_batch`` only AFTER ``process_batch_result``, so at
+        # this hook ``scheduler.last_batch`` is the previous, already merged batch). The batch
+        # in flight is ``cur_batch_for_debug`` (set before ``run_batch`` in both event loops;
+        # under the overlap loop it is the batch launched after the one just processed); the
+        # hook's own ``batch`` where an SGLang lacks it. Reported as running: they are.
+        fresh = getattr(scheduler, "cur_batch_for_debug", None)
+        if fresh is None:
+            fresh = batch
+        if fresh is not None and not fresh.forward_mode.is_decode() and fresh.reqs:
             seen = {r.rid for r in running}
-            running = list(running) + [r for r in last.reqs if r.rid not in seen
+            running = list(running) + [r for r in fresh.reqs if r.rid not in seen
                                        and r is not chunked and not r.finished()]
         # One C loop per list (block_sgl._capture): the finished filter, max(cached_tokens,
         # prefix_len) and len(output_ids); always new lists, since SGLang mutates its own in
@@ -327,11 +336,11 @@ class SchedulerTap:
         captured = self.capture_snapshot(scheduler)
         return _SnapshotAssembler().assemble(captured.captured, captured.fields)
 
-    def _publish_snapshot(self, scheduler, now: float) -> None:
+    def _publish_snapshot(self, scheduler, now: float, batch=None) -> None:
         self._last_snapshot = now
         steps = self._take_steps()
         try:
-            snapshot = self.capture_snapshot(scheduler)
+            snapshot = self.capture_snapshot(scheduler, batch)
         except Exception:
             self._failed("snapshot")
             if steps is not None:

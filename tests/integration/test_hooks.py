@@ -97,6 +97,36 @@ def test_running_request_appears_with_growing_output(cluster, stream):
     assert outputs == sorted(outputs) and outputs[-1] - outputs[0] >= 20
 
 
+def test_the_snapshot_after_a_prefill_step_shows_the_prefilled_request(cluster, stream):
+    """The snapshot published with a prefill step's record shows the request that step
+    prefilled, as running with its first token (SGLang merges it into running_batch only at the
+    next scheduling round, after the hook)."""
+    sub, _ = stream
+    url, endpoint = cluster.urls[0], cluster.publish_endpoints[0]
+    assert sub.wait_until(lambda s: quiescent(sub.states[endpoint]), 10)
+    events = []  # in stream order (one subscriber thread): steps records, then their snapshot
+    watcher = StreamSubscriber(
+        [endpoint],
+        on_steps=lambda e, m: events.append(("steps", list(zip(m.forward_mode, m.num_reqs)))),
+        on_snapshot=lambda e, snap: events.append(("snapshot", snap)))
+    watcher.start()
+    try:
+        assert watcher.wait_until(lambda s: not s.stale(), 30)
+        post(f"{url}/generate", {"input_ids": list(range(3000, 3300)), "rid": "just-prefilled",
+                                 "sampling_params": {"max_new_tokens": 12, "ignore_eos": True}})
+        prefills = lambda: [k for k, (kind, x) in enumerate(events)  # noqa: E731
+                            if kind == "steps" and x[-1] == ("extend", 1)]
+        assert watcher.wait_until(lambda s: any(k + 1 < len(events) for k in prefills()), 10), \
+            events
+    finally:
+        watcher.stop()
+    k = prefills()[0]
+    kind, snap = events[k + 1]
+    assert kind == "snapshot", events[k:k + 2]
+    assert "just-prefilled" in snap.running.rid, (snap.running, snap.waiting)
+    assert snap.running.output_len[snap.running.rid.index("just-prefilled")] == 1
+
+
 def test_repeated_prompt_shows_its_cached_prefix_and_router_hashes_match(cluster, stream):
     sub, index = stream
     url, endpoint = cluster.urls[0], cluster.publish_endpoints[0]

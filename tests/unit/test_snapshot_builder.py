@@ -58,12 +58,16 @@ def reference_columns(reqs):
         ignore_eos=[bool(r.sampling_params.ignore_eos) for r in reqs])
 
 
-def reference_groups(sched):
+def reference_groups(sched, batch=None):
+    """``batch``: the one the hook was called for. The requests of the extend batch in flight
+    (``cur_batch_for_debug``, else ``batch``) are not merged into running_batch yet."""
     running = list(sched.running_batch.reqs)
-    last, chunked = sched.last_batch, sched.chunked_req
-    if last is not None and not last.forward_mode.is_decode():
+    chunked = sched.chunked_req
+    fresh = getattr(sched, "cur_batch_for_debug", None)
+    fresh = batch if fresh is None else fresh
+    if fresh is not None and not fresh.forward_mode.is_decode():
         seen = {r.rid for r in running}
-        running += [r for r in last.reqs if r.rid not in seen and r is not chunked and not r.finished()]
+        running += [r for r in fresh.reqs if r.rid not in seen and r is not chunked and not r.finished()]
     running = [r for r in running if not r.finished()]
     return (reference_columns(running), reference_columns(sched.waiting_queue),
             reference_columns([chunked] if chunked is not None else []))
@@ -83,7 +87,7 @@ def capture_implementation(request, monkeypatch):
 def scheduler():
     return types.SimpleNamespace(
         running_batch=types.SimpleNamespace(reqs=[]), waiting_queue=[], last_batch=None,
-        chunked_req=None, forward_ct=0,
+        cur_batch_for_debug=None, chunked_req=None, forward_ct=0,
         token_to_kv_pool_allocator=types.SimpleNamespace(available_size=lambda: 1000),
         tree_cache=types.SimpleNamespace(evictable_size=lambda: 10), max_total_num_tokens=5000,
         new_token_ratio_tracker=types.SimpleNamespace(current=0.5))
@@ -115,7 +119,10 @@ def test_incremental_columns_match_a_full_rebuild_through_a_random_workload():
     next_id, reused, previous = 0, 0, (None, None)
     for step in range(400):
         sched.forward_ct = step
-        sched.last_batch = None
+        # SGLang's event_loop_normal: last_batch is the previous batch (merged already).
+        sched.last_batch = sched.cur_batch_for_debug if hasattr(sched, "cur_batch_for_debug") \
+            else None
+        extended = None
         for r in [r for r in running if r.finished()]:
             running.remove(r)
         for _ in range(rng.choice([0, 0, 0, 1, 2])):
@@ -127,29 +134,33 @@ def test_incremental_columns_match_a_full_rebuild_through_a_random_workload():
             if rng.random() < 0.3:
                 r.prefix_len = rng.randint(0, len(r.origin_input_ids))  # a fresh prefix match
         if sched.chunked_req is not None and rng.random() < 0.5:
-            r, sched.chunked_req = sched.chunked_req, None  # last chunk done: joins via last_batch
+            r, sched.chunked_req = sched.chunked_req, None  # last chunk done: joins next round
             r.cached_tokens = r.prefix_len
-            sched.last_batch = types.SimpleNamespace(forward_mode=EXTEND, reqs=[r])
+            extended = [r]
             running.append(r)
         elif waiting and rng.random() < 0.4:
             admitted = [waiting.pop(0) for _ in range(min(len(waiting), rng.randint(1, 3)))]
             if sched.chunked_req is None and rng.random() < 0.3:
                 sched.chunked_req = admitted.pop()
                 sched.chunked_req.prefix_len += 64
-            sched.last_batch = types.SimpleNamespace(forward_mode=EXTEND, reqs=admitted)
+            extended = admitted + ([sched.chunked_req] if sched.chunked_req is not None else [])
             if rng.random() < 0.5:
-                running.extend(admitted)  # else they join through last_batch only
+                running.extend(admitted)  # else (as in SGLang) only the batch in flight has them
         for r in running:
             r.output_ids.append(1)
             if rng.random() < 0.05 or len(r.output_ids) >= r.sampling_params.max_new_tokens:
                 r.finished_reason = "stop"
         if rng.random() < 0.02:
             running.reverse()  # reordered (e.g. a retraction's sort): same requests, new order
-        batch = types.SimpleNamespace(forward_mode=DECODE if sched.last_batch is None else EXTEND,
-                                      reqs=list(running), seq_lens_sum=5, extend_lens=[3, 4],
-                                      prefix_lens=[0, 1])
+        batch = types.SimpleNamespace(forward_mode=DECODE if extended is None else EXTEND,
+                                      reqs=list(running) if extended is None else extended,
+                                      seq_lens_sum=5, extend_lens=[3, 4], prefix_lens=[0, 1])
+        if rng.random() < 0.2:  # an SGLang without cur_batch_for_debug: the hook's batch
+            vars(sched).pop("cur_batch_for_debug", None)
+        else:
+            sched.cur_batch_for_debug = batch
         t.after_process_batch_result(None, sched, batch)
-        expected = reference_groups(sched)
+        expected = reference_groups(sched, batch)
         for r in running + waiting:  # the scheduler moves on before the publisher thread runs
             r.output_ids.append(2)
             r.cached_tokens += 1
@@ -238,3 +249,35 @@ def test_a_request_that_cannot_be_read_costs_one_snapshot_and_is_counted():
     t.after_process_batch_result(None, sched, batch)
     sent = drain(t.publisher)
     assert sent[1].running.rid == ["r1"] and sent[1].errors_total == 1
+
+
+@pytest.mark.parametrize("sglang_has_cur_batch", [True, False])
+def test_requests_of_the_extend_batch_just_run_are_running(sglang_has_cur_batch):
+    """At ``process_batch_result`` SGLang's freshly prefilled requests are in neither
+    running_batch nor the waiting queue, and ``last_batch`` is still the previous batch
+    (``event_loop_normal`` updates it after the hook): the snapshot must show them anyway."""
+    rng = random.Random(5)
+    sched, t = scheduler(), tap()
+    old, new, queued = Req(0, rng), Req(1, rng), Req(2, rng)
+    old.output_ids, new.output_ids = [1] * 7, [1]
+    sched.running_batch.reqs[:] = [old]
+    sched.waiting_queue[:] = [queued]
+    sched.last_batch = types.SimpleNamespace(forward_mode=DECODE, reqs=[old])
+    batch = types.SimpleNamespace(forward_mode=EXTEND, reqs=[new], seq_lens_sum=5,
+                                  extend_lens=[len(new.origin_input_ids)], prefix_lens=[0])
+    if sglang_has_cur_batch:
+        sched.cur_batch_for_debug = batch
+    else:
+        del sched.cur_batch_for_debug
+    t.after_process_batch_result(None, sched, batch)
+    snap = drain(t.publisher)[-1]
+    assert snap.running.rid == ["r0", "r1"] and snap.running.output_len == [7, 1]
+    assert snap.waiting.rid == ["r2"]
+    # The next round merged it; the previous extend batch (now last_batch) adds no duplicate.
+    sched.running_batch.reqs[:] = [old, new]
+    sched.last_batch = batch
+    decode = types.SimpleNamespace(forward_mode=DECODE, reqs=[old, new], seq_lens_sum=5)
+    if sglang_has_cur_batch:
+        sched.cur_batch_for_debug = decode
+    t.after_process_batch_result(None, sched, decode)
+    assert drain(t.publisher)[-1].running.rid == ["r0", "r1"]
