@@ -12,8 +12,12 @@
    Each request gets two predictions from the same snapshot: without and with EXPECTED FUTURE
    ARRIVALS (``fastsim.expected_arrivals``): requests of the mean shape of those sent so far,
    evenly spaced at the arrival rate of the last ``--arrival-window`` seconds — both estimated
-   only from what was sent before (causal), as a router would.
-4. Report MAPE and P90 absolute error of TTFT and E2E, for both predictions.
+   only from what was sent before (causal), as a router would. After the replay, a third
+   prediction from the same snapshot, not causal: with the KNOWN FUTURE — the replay's actual
+   later requests at the times they were really sent, with their true shapes, lengths and
+   prefixes. It separates the simulator's own error under load from what a prediction at
+   arrival cannot know.
+4. Report MAPE and P90 absolute error of TTFT and E2E, for the three predictions.
 
     .venv/bin/python benchmarks/accuracy/fastsim_accuracy.py [--requests 120] [--rate 1.5] [--time-scale 8] [--seed 0]
 
@@ -72,6 +76,27 @@ def stream_generate(url: str, rid: str, ids: list[int], out: int, result: dict) 
     result.update(ttft=first - start, e2e=time.perf_counter() - start)
 
 
+def known_future(inputs, sent: dict, results: dict, step_model, ttft_overhead: float,
+                 e2e_overhead: float) -> None:
+    """Each request's prediction from the snapshot it was predicted from, plus the requests that
+    were really sent after it (their send times relative to its prediction, their true shapes,
+    lengths and matched prefixes), up to 3 × its snapshot-only E2E + 1 s ahead."""
+    order = [rid for rid, *_ in inputs]
+    sent_at = np.array([sent[rid]["sent_perf"] for rid in order])
+    for i, (rid, st, cand, now, e2e) in enumerate(inputs):
+        later = [j for j in range(i + 1, min(len(order), i + 257))
+                 if sent_at[j] <= now + 3 * e2e + 1.0]
+        state = st
+        if later:
+            rows = [(sent[order[j]]["input_len"], sent[order[j]]["prefix"], 0, sent[order[j]]["out"],
+                     1, sent[order[j]]["out"]) for j in later]
+            times = np.maximum.accumulate(np.maximum(sent_at[later] - now, 0.0))
+            state = st.with_future(fastsim.RequestTable.from_rows(rows), times)
+        pred = fastsim.predict(state, cand, step_model)
+        results[rid].update(pred_ttft_known_future=pred.ttft_s + ttft_overhead,
+                            pred_e2e_known_future=pred.e2e_s + e2e_overhead)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=120, help="requests in the replay")
@@ -123,6 +148,7 @@ def main() -> None:
         print(f"replaying {len(reqs)} requests at {args.rate} req/s (bursty) ...", flush=True)
         t_next = t_start = time.perf_counter()
         history: list[tuple[float, int, int, int]] = []  # (sent at, input_len, prefix, out)
+        known_future_inputs = []  # (rid, state, candidate, time of the prediction, E2E predicted)
         for r in reqs:
             t_next += r["gap"]
             time.sleep(max(0.0, t_next - time.perf_counter()))
@@ -158,13 +184,15 @@ def main() -> None:
             else:
                 pred_f, future_rate = pred, 0.0
             history.append((now, len(r["ids"]), prefix, r["out"]))
+            known_future_inputs.append((r["rid"], st, cand, now, pred.e2e_s))
             results[r["rid"]] = {"pred_ttft": pred.ttft_s + ttft_overhead, "pred_e2e": pred.e2e_s + e2e_overhead,
                                  "pred_ttft_arrivals": pred_f.ttft_s + ttft_overhead,
                                  "pred_e2e_arrivals": pred_f.e2e_s + e2e_overhead,
                                  "expected_rate": future_rate,
                                  "queue_len": len(snap.waiting), "running": len(snap.running)}
             sent[r["rid"]] = {"input_len": len(r["ids"]), "prefix": prefix, "out": r["out"],
-                              "sent_at": time.time(), "seen": False}
+                              "sent_at": time.time(), "sent_perf": time.perf_counter(),
+                              "seen": False}
             t = threading.Thread(target=stream_generate, args=(url, r["rid"], r["ids"], r["out"],
                                                                results[r["rid"]]))
             t.start()
@@ -172,6 +200,7 @@ def main() -> None:
         for t in threads:
             t.join()
         sub.stop()
+        known_future(known_future_inputs, sent, results, step_model, ttft_overhead, e2e_overhead)
 
     rows = list(results.values())
     out = {"machine": f"{platform.node()} {platform.machine()}", "profile": PROFILE,
@@ -180,12 +209,15 @@ def main() -> None:
            "step_model": doc["coefficients"], "step_model_fit_error": doc["source"]["median_relative_error"],
            "implementation": fastsim.implementation(), "arrival_window_s": args.arrival_window,
            "note": "keys without a suffix: predictions from the snapshot alone; *_with_arrivals: "
-                   "the same snapshot plus expected future arrivals (causal rate and shape)"}
+                   "the same snapshot plus expected future arrivals (causal rate and shape); "
+                   "*_with_known_future: the same snapshot plus the requests really sent after "
+                   "it (not causal: the simulator's own error under load)"}
     for key in ("ttft", "e2e"):
         obs = np.array([r[key] for r in rows])
         out[f"{key}_observed_p50_s"] = float(np.median(obs))
         out[f"{key}_observed_p99_s"] = float(np.percentile(obs, 99))
-        for suffix, field in (("", f"pred_{key}"), ("_with_arrivals", f"pred_{key}_arrivals")):
+        for suffix, field in (("", f"pred_{key}"), ("_with_arrivals", f"pred_{key}_arrivals"),
+                              ("_with_known_future", f"pred_{key}_known_future")):
             pred = np.array([r[field] for r in rows])
             err = np.abs(pred - obs)
             out[f"{key}_mape{suffix}"] = float(np.mean(err / obs))
@@ -196,7 +228,8 @@ def main() -> None:
     out["max_running_seen"] = max(r["running"] for r in rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2))
-    for suffix, label in (("", "snapshot only"), ("_with_arrivals", "with expected arrivals")):
+    for suffix, label in (("", "snapshot only"), ("_with_arrivals", "with expected arrivals"),
+                          ("_with_known_future", "with the known future (not causal)")):
         print(f"{label}: TTFT MAPE {100 * out['ttft_mape' + suffix]:.1f} % (P90 abs err "
               f"{1e3 * out['ttft_p90_abs_err_s' + suffix]:.0f} ms), E2E MAPE "
               f"{100 * out['e2e_mape' + suffix]:.1f} % (P90 abs err "
