@@ -123,8 +123,10 @@ cdef struct Sim:
     i64 nadm
     RKey *order
     bint needs_sort
-    const double *fut_t   # arrival times of the future requests, ids cand + 1 + i
-    i64 fi, nf            # the next future request to arrive; how many there are
+    const double *pend_t  # arrival times of the pending requests (NULL: all at 0)
+    const double *fut_t   # arrival times of the future requests after the candidate's
+    i64 n_pend
+    i64 fi, nf            # the next arrival (id n_snapshot + fi); how many there are
     double ttft, e2e, queue_s
     bint done
 
@@ -393,11 +395,8 @@ cdef double _running_offset(Sim *s) noexcept nogil:
     return _ratio(s) * <double> s0 + <double> s1
 
 
-cdef inline void _advance(Sim *s, double dt, bint first) noexcept nogil:
-    if first:
-        s.t = _pos(dt - s.elapsed)
-    else:
-        s.t += dt
+cdef inline void _advance(Sim *s, double dt) noexcept nogil:
+    s.t += dt
 
 
 cdef void _finish_running(Sim *s) noexcept nogil:
@@ -422,10 +421,6 @@ cdef void _finish_running(Sim *s) noexcept nogil:
 
 
 # ------------------------------------------------------------------------------ admission
-cdef inline bint _visible(Sim *s, i64 rid, bint first) noexcept nogil:
-    return not (first and s.elapsed > 0.0 and rid >= s.n_snapshot)
-
-
 cdef void _queue_append(Sim *s, i64 rid) noexcept nogil:
     cdef i64 i, m
     if s.qt == s.n:   # shift the live part to the front (it holds < n entries here)
@@ -467,9 +462,9 @@ cdef inline void _add_adm(Sim *s, i64 rid, i64 e, i64 p, i64 complete) noexcept 
     s.nadm += 1
 
 
-cdef void _admit(Sim *s, bint first) noexcept nogil:
+cdef void _admit(Sim *s) noexcept nogil:
     """Scheduler._get_new_batch_prefill_raw + PrefillAdder; fills s.adm_*."""
-    cdef bint has_queue = False, chunked = s.chunk_size > 0, truncated, skipped = False
+    cdef bint has_queue = s.qt > s.qh, chunked = s.chunk_size > 0, truncated
     cdef i64 i, j, rid, page = s.page, pool = s.pool, b_cur = 0, b_input, b_chunk
     cdef i64 rem, ext, e, ep, total, mxn, ntaken = 0
     cdef double b_total
@@ -477,13 +472,6 @@ cdef void _admit(Sim *s, bint first) noexcept nogil:
     s.nadm = 0
     if s.bs == 0:
         s.batch_full = False
-    if first and s.elapsed > 0.0:
-        for i in range(s.qh, s.qt):
-            if _visible(s, s.q[i], first):
-                has_queue = True
-                break
-    else:
-        has_queue = s.qt > s.qh
     if (s.batch_full or not has_queue) and s.chunk < 0:
         return
     if s.chunk < 0 and s.bs >= s.max_running:
@@ -523,9 +511,6 @@ cdef void _admit(Sim *s, bint first) noexcept nogil:
 
     for i in range(s.qh, s.qt):
         rid = s.q[i]
-        if not _visible(s, rid, first):
-            skipped = True
-            continue
         if _budget_state(pool, b_total, b_cur, b_input, b_chunk, chunked) == OTHER:
             break
         if s.nadm >= s.max_running - s.bs:
@@ -574,7 +559,7 @@ cdef void _admit(Sim *s, bint first) noexcept nogil:
             break
 
     if ntaken > 0:
-        if not skipped and s.taken[s.q[s.qh + ntaken - 1]]:
+        if s.taken[s.q[s.qh + ntaken - 1]]:
             # the admitted requests are the head of the queue
             s.qh += ntaken
             for i in range(s.qh - ntaken, s.qh):
@@ -590,7 +575,7 @@ cdef void _admit(Sim *s, bint first) noexcept nogil:
             s.qt = j
 
 
-cdef void _run_extend(Sim *s, bint first) noexcept nogil:
+cdef void _run_extend(Sim *s) noexcept nogil:
     cdef i64 a, rid, e, tokens = 0
     cdef double pairs = 0.0, t_start
     cdef bint reset_full = s.bs == 0
@@ -601,7 +586,7 @@ cdef void _run_extend(Sim *s, bint first) noexcept nogil:
         if s.chunk >= 0 and s.adm_id[a] == s.chunk:
             reset_full = True
     t_start = s.t
-    _advance(s, _step_time(s, tokens, pairs, 0, 0), first)
+    _advance(s, _step_time(s, tokens, pairs, 0, 0))
     s.pool -= tokens
     for a in range(s.nadm):
         rid = s.adm_id[a]
@@ -698,17 +683,17 @@ cdef void _retract(Sim *s) noexcept nogil:
         s.done = True
 
 
-cdef void _run_decode(Sim *s, i64 k, bint first) noexcept nogil:
+cdef void _run_decode(Sim *s, i64 k) noexcept nogil:
     cdef i64 ctx = s.ctx_base + s.bs * s.D
-    _advance(s, _decode_run_time(s, k, s.bs, ctx), first)
+    _advance(s, _decode_run_time(s, k, s.bs, ctx))
     s.pool -= k * s.bs
     s.D += k
     _finish_running(s)
 
 
-cdef i64 _decode_jump_len(Sim *s, bint first) noexcept nogil:
+cdef i64 _decode_jump_len(Sim *s) noexcept nogil:
     cdef i64 a, b
-    if (first and s.elapsed > 0.0) or s.step_by_step or s.chunk >= 0:
+    if s.step_by_step or s.chunk >= 0:
         return 0
     if s.bs == 0:
         return 0
@@ -723,10 +708,23 @@ cdef i64 _decode_jump_len(Sim *s, bint first) noexcept nogil:
     return a if a < b else b
 
 
-# ------------------------------------------------------------------------------ future arrivals
+# ------------------------------------------------------------------------------ arrivals
+cdef inline double _arrival_time(Sim *s, i64 i) noexcept nogil:
+    """Arrival ``i`` (id n_snapshot + i): the pending requests, the candidate, the future ones."""
+    cdef double t
+    if i < s.n_pend:
+        if s.pend_t == NULL:
+            return 0.0
+        t = s.pend_t[i]
+        return t if t <= s.elapsed else s.elapsed
+    if i == s.n_pend:
+        return s.elapsed
+    return s.elapsed + s.fut_t[i - s.n_pend - 1]
+
+
 cdef void _arrive(Sim *s) noexcept nogil:
-    while s.fi < s.nf and s.fut_t[s.fi] <= s.t:
-        _queue_append(s, s.cand + 1 + s.fi)
+    while s.fi < s.nf and _arrival_time(s, s.fi) <= s.t:
+        _queue_append(s, s.n_snapshot + s.fi)
         s.fi += 1
         s.needs_sort = True
 
@@ -736,7 +734,7 @@ cdef i64 _jump_until_arrival(Sim *s, i64 k) noexcept nogil:
     cdef double arrival
     if s.fi >= s.nf:
         return k
-    arrival = s.fut_t[s.fi]
+    arrival = _arrival_time(s, s.fi)
     ctx = s.ctx_base + s.bs * s.D
     if s.t + _decode_run_time(s, k, s.bs, ctx) < arrival:
         return k
@@ -752,33 +750,36 @@ cdef i64 _jump_until_arrival(Sim *s, i64 k) noexcept nogil:
 
 
 cdef void _run(Sim *s) noexcept nogil:
-    cdef bint first = True
     cdef i64 k
+    cdef double arrival
     while not s.done:
         _arrive(s)
-        k = _decode_jump_len(s, first)
+        k = _decode_jump_len(s)
         if k >= 1:
             k = _jump_until_arrival(s, k)
             s.ndecay += k
-            _run_decode(s, k, first)
+            _run_decode(s, k)
         else:
-            _admit(s, first)
+            _admit(s)
             if s.nadm > 0:
-                _run_extend(s, first)
+                _run_extend(s)
             elif s.bs > 0:
                 if s.pool < s.bs:
                     _retract(s)
                 else:
                     s.ndecay += 1
                 if s.bs > 0 and not s.done:
-                    _run_decode(s, 1, first)
-            elif s.fi < s.nf and not (first and s.elapsed > 0.0):
-                if s.fut_t[s.fi] > s.t:   # idle until it arrives
-                    s.t = s.fut_t[s.fi]
-            elif not (first and s.elapsed > 0.0):
+                    _run_decode(s, 1)
+            elif s.fi < s.nf:
+                arrival = _arrival_time(s, s.fi)
+                if arrival > s.t:   # idle until it arrives
+                    s.t = arrival
+            else:
                 break   # nothing can ever run: the candidate waits forever
-            # else: no step was in flight at the snapshot after all; start afresh
-        first = False
+    # from the candidate's arrival (inf stays inf)
+    s.ttft -= s.elapsed
+    s.e2e -= s.elapsed
+    s.queue_s -= s.elapsed
 
 
 # ------------------------------------------------------------------------------ Python edge
@@ -792,6 +793,7 @@ cdef struct Inputs:
     const i64 *cand
     const i64 *fut
     const double *fut_t
+    const double *pend_t
     i64 n_run, n_wait, n_pend, n_fut
 
 
@@ -834,6 +836,20 @@ cdef bint _future_ok(Inputs *a) noexcept nogil:
             return False
         previous = t
     return _table_ok(a.fut, a.n_fut)
+
+
+cdef bint _pending_times_ok(Inputs *a) noexcept nogil:
+    """Finite non-decreasing times >= 0 (or none given)."""
+    cdef i64 i
+    cdef double previous = 0.0, t
+    if a.pend_t == NULL:
+        return True
+    for i in range(a.n_pend):
+        t = a.pend_t[i]
+        if not (t >= previous and t < INFINITY):
+            return False
+        previous = t
+    return True
 
 
 cdef bint _tables_ok(Inputs *a) noexcept nogil:
@@ -994,8 +1010,10 @@ cdef bint _init(Sim *s, Inputs *a, i64 *buf, bint step_by_step) noexcept nogil:
     s.n = n
     s.cand = n - 1 - a.n_fut
     s.fut_t = a.fut_t
+    s.pend_t = a.pend_t
+    s.n_pend = a.n_pend
     s.fi = 0
-    s.nf = a.n_fut
+    s.nf = a.n_pend + 1 + a.n_fut
     s.n_snapshot = n_run + a.n_wait
     s.chunk = n_run + iscal[I_CHUNKED_IDX] if iscal[I_CHUNKED_IDX] >= 0 else -1
     s.chunk_done = iscal[I_CHUNKED_DONE]
@@ -1006,7 +1024,7 @@ cdef bint _init(Sim *s, Inputs *a, i64 *buf, bint step_by_step) noexcept nogil:
     memset(s.taken, 0, n * sizeof(i64))
     if not (_load_table(s, a.run, n_run, 0, True)
             and _load_table(s, a.wait, a.n_wait, n_run, False)
-            and _load_table(s, a.pend, a.n_pend, n_run + a.n_wait, False)
+            and _load_table(s, a.pend, a.n_pend, n_run + a.n_wait, False, False)
             and _load_table(s, a.fut, a.n_fut, s.cand + 1, False, False)):
         return False
     _radix_sort(s.srt, s.tmp, n_run)
@@ -1018,8 +1036,6 @@ cdef bint _init(Sim *s, Inputs *a, i64 *buf, bint step_by_step) noexcept nogil:
     s.ieos[c] = cand[C_IGNORE_EOS]
     pred = cand[C_PRED] if cand[C_PRED] < cand[C_MAX_NEW] else cand[C_MAX_NEW]
     s.tgt[c] = pred if pred > 1 else 1
-    s.q[s.qt] = c
-    s.qt += 1
     s.needs_sort = True
     s.ttft = INFINITY
     s.e2e = INFINITY
@@ -1030,7 +1046,8 @@ cdef bint _init(Sim *s, Inputs *a, i64 *buf, bint step_by_step) noexcept nogil:
 
 cdef int _inputs(Inputs *a, cnp.ndarray running, cnp.ndarray waiting, cnp.ndarray pending,
                  cnp.ndarray iscal, cnp.ndarray fscal, cnp.ndarray coeffs,
-                 cnp.ndarray cand, object future=None, object future_t=None) except -1:
+                 cnp.ndarray cand, object future=None, object future_t=None,
+                 object pending_t=None) except -1:
     cdef i64 n
     if (future is None) != (future_t is None):
         raise ValueError("give both future and future_t, or neither")
@@ -1044,35 +1061,45 @@ cdef int _inputs(Inputs *a, cnp.ndarray running, cnp.ndarray waiting, cnp.ndarra
     _array(running, "running", cnp.NPY_INT64, 2, N_FIELDS, <const void**> &a.run, &a.n_run)
     _array(waiting, "waiting", cnp.NPY_INT64, 2, N_FIELDS, <const void**> &a.wait, &a.n_wait)
     _array(pending, "pending", cnp.NPY_INT64, 2, N_FIELDS, <const void**> &a.pend, &a.n_pend)
+    if pending_t is None:
+        a.pend_t = NULL
+    else:
+        _array(pending_t, "pending_t", cnp.NPY_FLOAT64, 1, a.n_pend,
+               <const void**> &a.pend_t, &n)
     _array(iscal, "iscal", cnp.NPY_INT64, 1, N_ISCAL, <const void**> &a.iscal, &n)
     _array(fscal, "fscal", cnp.NPY_FLOAT64, 1, N_FSCAL, <const void**> &a.fscal, &n)
     _array(coeffs, "step model coefficients", cnp.NPY_FLOAT64, 1, N_COEFFS,
            <const void**> &a.coeffs, &n)
     _array(cand, "candidate", cnp.NPY_INT64, 1, N_CAND, <const void**> &a.cand, &n)
-    if not _inputs_ok(a) or (a.n_fut and not _future_ok(a)):
+    if not _inputs_ok(a) or (a.n_fut and not _future_ok(a)) or not _pending_times_ok(a):
         _raise_invalid((running, waiting, pending, iscal, fscal, coeffs, cand,
-                        None if future is None else (future, future_t)))
+                        None if future is None else (future, future_t), pending_t))
     return 0
 
 
 def simulate(cnp.ndarray running not None, cnp.ndarray waiting not None,
              cnp.ndarray pending not None, cnp.ndarray iscal not None,
              cnp.ndarray fscal not None, cnp.ndarray coeffs not None, cnp.ndarray cand not None,
-             Workspace workspace=None, bint step_by_step=False, future=None, future_t=None):
+             Workspace workspace=None, bint step_by_step=False, future=None, future_t=None,
+             pending_t=None):
     """Predict ``(ttft_s, e2e_s, queue_s)`` of ``cand`` on one instance (``inf``: never).
 
     Arrays as documented in ``block_sgl/_fastsim_py.py``: ``running``/``waiting``/``pending``
     int64 ``(6, n)`` C-contiguous, ``iscal`` int64 ``(13,)``, ``fscal`` float64 ``(5,)``,
     ``coeffs`` float64 ``(5,)`` (``StepModel.as_array()``), ``cand`` int64 ``(5,)``;
     optionally ``future`` int64 ``(6, m)`` with ``future_t`` float64 ``(m,)`` (expected
-    arrivals). ``workspace``: a reusable ``Workspace`` (saves an allocation per call).
+    arrivals after the candidate's) and ``pending_t`` float64 ``(p,)`` (when each pending
+    request arrives, from the snapshot). Times returned count from the candidate's arrival
+    (``elapsed_s`` after the snapshot). ``workspace``: a reusable ``Workspace`` (saves an
+    allocation per call).
     """
     cdef Sim s
     cdef Inputs a
     cdef i64 n
     cdef i64 *buf
     cdef bint own = workspace is None, ok
-    _inputs(&a, running, waiting, pending, iscal, fscal, coeffs, cand, future, future_t)
+    _inputs(&a, running, waiting, pending, iscal, fscal, coeffs, cand, future, future_t,
+            pending_t)
     n = a.n_run + a.n_wait + a.n_pend + 1 + a.n_fut
     if own:
         buf = <i64*> malloc(SLOTS * n * sizeof(i64))
@@ -1088,14 +1115,15 @@ def simulate(cnp.ndarray running not None, cnp.ndarray waiting not None,
             free(buf)
     if not ok:
         _raise_invalid((running, waiting, pending, iscal, fscal, coeffs, cand,
-                        None if future is None else (future, future_t)))
+                        None if future is None else (future, future_t), pending_t))
     return (s.ttft, s.e2e, s.queue_s)
 
 
 def simulate_many(list states, list cands, list coeffs, double[:, ::1] out not None,
                   Workspace workspace=None):
     """``simulate`` over K instances; ``states[i]`` = ``(running, waiting, pending, iscal,
-    fscal)``, optionally followed by ``future, future_t``; ``cands[i]`` / ``coeffs[i]`` its
+    fscal)``, optionally followed by ``future, future_t`` (each may be None) and then
+    ``pending_t``; ``cands[i]`` / ``coeffs[i]`` its
     candidate and step model; fills ``out[i] = (ttft_s, e2e_s, queue_s)``. All inputs are
     validated before any simulation runs."""
     cdef Py_ssize_t k = len(states), i
@@ -1120,11 +1148,15 @@ def simulate_many(list states, list cands, list coeffs, double[:, ::1] out not N
             elif len(st) == 7:
                 _inputs(&a[i], st[0], st[1], st[2], st[3], st[4], coeffs[i], cands[i], st[5],
                         st[6])
+            elif len(st) == 8:
+                _inputs(&a[i], st[0], st[1], st[2], st[3], st[4], coeffs[i], cands[i], st[5],
+                        st[6], st[7])
             else:
-                raise ValueError(f"states[{i}] must have 5 or 7 arrays, got {len(st)}")
+                raise ValueError(f"states[{i}] must have 5, 7 or 8 arrays, got {len(st)}")
             if not _tables_ok(&a[i]):
                 _raise_invalid((st[0], st[1], st[2], st[3], st[4], coeffs[i], cands[i],
-                                (st[5], st[6]) if len(st) == 7 else None))
+                                (st[5], st[6]) if len(st) >= 7 and st[5] is not None
+                                else None, st[7] if len(st) == 8 else None))
             n = a[i].n_run + a[i].n_wait + a[i].n_pend + 1 + a[i].n_fut
             if n > n_max:
                 n_max = n

@@ -3,7 +3,7 @@
 Given one SGLang instance's state, a step-latency model and a candidate request, replay SGLang
 0.5.23's own scheduling (non-overlapped steps) and return when the candidate gets its first token
 (TTFT), when it finishes (E2E) and when its first prefill step starts (queueing delay), in
-seconds from the snapshot. ``block_sgl/_fastsim.pyx`` implements the same arithmetic in the same
+seconds from the candidate's arrival. ``block_sgl/_fastsim.pyx`` implements the same arithmetic in the same
 order; ``tests/differential/test_fastsim_parity.py`` holds the two together. Change both or none.
 
 Citations (``S/`` = ``sglang/srt/``, sglang 0.5.23):
@@ -40,17 +40,26 @@ mixed chunk, no grammar/LoRA/HiCache/priority paths.
 Data layout (int64 everywhere; shared with the compiled kernel):
 
 * ``running``, ``waiting``, ``pending``: arrays of shape ``(6, n)``, rows ``FIELDS``.
-  ``pending`` = requests dispatched to the instance but not yet in its snapshot: appended to the
-  waiting queue after ``waiting``, in order, and then the candidate.
-* ``future`` (optional): requests EXPECTED to arrive after the candidate, ``(6, m)`` like the
-  others, with ``future_t`` float64 ``(m,)``: their arrival times in seconds from the snapshot,
-  non-decreasing. A future request joins the end of the waiting queue at the first scheduling
-  round that starts at or after its arrival time (SGLang receives requests at the top of each
-  event-loop iteration: ``Scheduler.event_loop_normal`` -> ``recv_requests``); a closed-form
-  decode jump stops at the step during which the next one arrives. They cannot change the
-  candidate's place in an FCFS queue, but their prefill steps and their share of the decode
-  batch lengthen its E2E — what a prediction made at arrival otherwise misses under load
-  (``benchmarks/accuracy``).
+  ``pending`` = requests dispatched to the instance but not yet in its snapshot: they join the
+  waiting queue after ``waiting``, in order, as they arrive (below), and then the candidate.
+* Time runs from the snapshot: SGLang's hooks take it at the end of a step
+  (``process_batch_result``), i.e. at a scheduling-round boundary, so the simulation starts
+  there with the snapshot's running batch and waiting queue. Everything else ARRIVES: the
+  pending requests at ``pending_t`` (optional float64 ``(p,)``, seconds after the snapshot,
+  non-decreasing; default 0, i.e. in transit when the snapshot was taken; a time after the
+  candidate's counts as the candidate's: they were dispatched before it), the candidate at
+  ``elapsed_s`` (``fscal``), and the ``future`` requests (optional, EXPECTED after the
+  candidate, ``(6, m)`` like the others, with ``future_t`` float64 ``(m,)``: seconds after the
+  candidate's arrival, non-decreasing). An arrival joins the end of the waiting queue at the
+  first scheduling round that starts at or after its time (SGLang receives requests at the
+  top of each event-loop iteration: ``Scheduler.event_loop_normal`` -> ``recv_requests``); a
+  closed-form decode jump stops at the step during which the next one arrives. So a snapshot
+  taken just before a long prefill of requests it does not show yet is replayed from its own
+  time, with that prefill, rather than from the candidate's arrival as if the instance had
+  been free meanwhile. Results (TTFT, E2E, queueing delay) count from the candidate's arrival.
+  Future requests cannot change the candidate's place in an FCFS queue, but their prefill steps
+  and their share of the decode batch lengthen its E2E — what a prediction made at arrival
+  otherwise misses under load (``benchmarks/accuracy``).
 * ``iscal``: int64 ``(N_ISCAL,)``, indices ``I_*``; ``fscal``: float64 ``(N_FSCAL,)``, ``F_*``;
   ``coeffs``: the 5 ``StepModel`` coefficients; ``cand``: int64 ``(N_CAND,)``, ``C_*``.
 """
@@ -143,11 +152,26 @@ def _check_future(table, times):
         previous = t
 
 
-def validate(running, waiting, pending, iscal, fscal, coeffs, cand, future=None):
+def _check_pending_times(times, n):
+    if len(times) != n:
+        raise ValueError(f"pending_t has {len(times)} entries, pending has {n} requests")
+    previous = 0.0
+    for i in range(n):
+        t = times[i]
+        if not (t >= previous and t < INF):  # also rejects NaN
+            raise ValueError(f"pending_t[{i}] must be finite, >= 0 and >= the previous time, "
+                             f"got {t}")
+        previous = t
+
+
+def validate(running, waiting, pending, iscal, fscal, coeffs, cand, future=None,
+             pending_t=None):
     """Raise ValueError naming the first bad field; the compiled kernel raises the same."""
     _check_table("running", running, 0)
     n_wait = _check_table("waiting", waiting, 0)
-    _check_table("pending", pending, 0)
+    n_pend = _check_table("pending", pending, 0)
+    if pending_t is not None:
+        _check_pending_times(pending_t, n_pend)
     if future is not None:
         _check_future(*future)
     if len(iscal) != N_ISCAL:
@@ -265,7 +289,7 @@ class _Req:
 
 class _Sim:
     def __init__(self, running, waiting, pending, iscal, fscal, coeffs, cand, step_by_step,
-                 future=None):
+                 future=None, pending_t=None):
         self.c = [float(x) for x in coeffs]
         self.page = iscal[I_PAGE]
         self.max_running = iscal[I_MAX_RUNNING]
@@ -276,7 +300,7 @@ class _Sim:
         self.retract_steps = iscal[I_RETRACT_STEPS]
         self.ratio_base, self.ndecay = fscal[F_RATIO], 0
         self.min_ratio, self.decay = fscal[F_MIN_RATIO], fscal[F_DECAY]
-        self.elapsed = fscal[F_ELAPSED]
+        self.elapsed = fscal[F_ELAPSED]  # when the candidate arrives
         self.step_by_step = step_by_step
 
         self.pool = iscal[I_FREE] + iscal[I_EVICTABLE]  # KV tokens free or evictable
@@ -299,20 +323,23 @@ class _Sim:
                 self.reqs.append(_Req(table[R_INPUT][i], table[R_PREFIX][i],
                                       table[R_OUTPUT][i], table[R_MAX_NEW][i],
                                       table[R_IGNORE_EOS][i], table[R_PRED][i]))
+        n_run, n_wait = len(running[0]), len(waiting[0])
+        self.n_snapshot = n_run + n_wait  # ids below this were in the snapshot
+        # (arrival time, id) of every request not in the snapshot, in arrival (= id) order
+        self.arrivals = [(min(pending_t[i], self.elapsed) if pending_t is not None else 0.0,
+                          self.n_snapshot + i) for i in range(len(pending[0]))]
         self.cand = len(self.reqs)
         self.reqs.append(_Req(cand[C_INPUT], cand[C_PREFIX], 0, cand[C_MAX_NEW],
                               cand[C_IGNORE_EOS], cand[C_PRED]))
-        self.future = []  # (arrival time, id), in arrival order; self.fi: the next to arrive
+        self.arrivals.append((self.elapsed, self.cand))
         if future is not None:
             table, times = future
             for i in range(len(table[0])):
-                self.future.append((times[i], len(self.reqs)))
+                self.arrivals.append((self.elapsed + times[i], len(self.reqs)))
                 self.reqs.append(_Req(table[R_INPUT][i], table[R_PREFIX][i], 0,
                                       table[R_MAX_NEW][i], table[R_IGNORE_EOS][i],
                                       table[R_PRED][i]))
-        self.fi = 0
-        n_run, n_wait = len(running[0]), len(waiting[0])
-        self.n_snapshot = n_run + n_wait  # ids below this were in the snapshot
+        self.fi = 0  # the next arrival
         for rid in range(n_run, len(self.reqs)):
             r = self.reqs[rid]  # a match never covers the last token (Req._compute_max_prefix_len)
             r.pre = min(r.pre, r.inp + r.out - 1)
@@ -321,7 +348,7 @@ class _Sim:
         ci = iscal[I_CHUNKED_IDX]
         self.chunk = n_run + ci if ci >= 0 else -1
         self.chunk_done = iscal[I_CHUNKED_DONE]
-        self.queue = [rid for rid in range(n_run, self.cand + 1) if rid != self.chunk]
+        self.queue = [rid for rid in range(n_run, self.n_snapshot) if rid != self.chunk]
         self.needs_sort = True
 
         self.ttft = self.e2e = self.queue_s = INF
@@ -373,11 +400,8 @@ class _Sim:
             s[r.ieos] -= r.mx - r.out + r.d0 - self.clip - self.D
         return self.ratio() * s[0] + s[1]
 
-    def advance(self, dt, first):
-        if first:  # the step in flight at the snapshot began elapsed_s ago
-            self.t = max(dt - self.elapsed, 0.0)
-        else:
-            self.t += dt
+    def advance(self, dt):
+        self.t += dt
 
     def finish_running(self):
         """Pop every running request whose last token came out at decode step D."""
@@ -391,15 +415,11 @@ class _Sim:
                 return
 
     # -- admission: Scheduler._get_new_batch_prefill_raw + PrefillAdder ------------------------
-    def visible(self, rid, first):
-        return not (first and self.elapsed > 0.0 and rid >= self.n_snapshot)
-
-    def admit(self, first):
+    def admit(self):
         """Return [(id, extend, tokens already in KV, prefill complete)] of the next EXTEND."""
         if self.bs == 0:
             self.batch_full = False
-        has_queue = any(self.visible(rid, first) for rid in self.queue)
-        if (self.batch_full or not has_queue) and self.chunk < 0:
+        if (self.batch_full or not self.queue) and self.chunk < 0:
             return []
         if self.chunk < 0 and self.bs >= self.max_running:
             self.batch_full = True
@@ -445,8 +465,6 @@ class _Sim:
 
         taken = set()
         for rid in self.queue:
-            if not self.visible(rid, first):
-                continue
             if budget_state() == OTHER:
                 break
             if len(adm) >= self.max_running - self.bs:
@@ -482,13 +500,13 @@ class _Sim:
             self.queue = [rid for rid in self.queue if rid not in taken]
         return adm
 
-    def run_extend(self, adm, first):
+    def run_extend(self, adm):
         tokens, pairs = 0, 0.0
         for rid, e, p, _ in adm:
             tokens += e
             pairs += e * (p + (e + 1) / 2.0)
         t_start = self.t
-        self.advance(step_time(self.c, tokens, pairs, 0, 0), first)
+        self.advance(step_time(self.c, tokens, pairs, 0, 0))
         self.pool -= tokens
         reset_full = self.bs == 0 or self.chunk >= 0 and any(a[0] == self.chunk for a in adm)
         for rid, _, _, complete in adm:
@@ -547,16 +565,16 @@ class _Sim:
         if aborted == self.cand:
             self.done = True
 
-    def run_decode(self, k, first):
+    def run_decode(self, k):
         ctx = self.ctx_base + self.bs * self.D
-        self.advance(decode_run_time(self.c, k, self.bs, ctx), first)
+        self.advance(decode_run_time(self.c, k, self.bs, ctx))
         self.pool -= k * self.bs
         self.D += k
         self.finish_running()
 
-    def decode_jump_len(self, first):
+    def decode_jump_len(self):
         """Decode steps that surely run with no admission, completion or retraction between."""
-        if first and self.elapsed > 0.0 or self.step_by_step or self.chunk >= 0:
+        if self.step_by_step or self.chunk >= 0:
             return 0
         if self.bs == 0:
             return 0
@@ -569,17 +587,17 @@ class _Sim:
     # -- future arrivals -----------------------------------------------------------------
     def arrive(self):
         """Queue every future request that has arrived by now (end of the queue, in order)."""
-        while self.fi < len(self.future) and self.future[self.fi][0] <= self.t:
-            self.queue.append(self.future[self.fi][1])
+        while self.fi < len(self.arrivals) and self.arrivals[self.fi][0] <= self.t:
+            self.queue.append(self.arrivals[self.fi][1])
             self.fi += 1
             self.needs_sort = True
 
     def jump_until_arrival(self, k):
-        """The decode jump ``k`` cut at the step during which the next future request arrives
-        (the smallest ``j`` whose end time reaches it), by bisection on the closed form."""
-        if self.fi >= len(self.future):
+        """The decode jump ``k`` cut at the step during which the next request arrives (the
+        smallest ``j`` whose end time reaches it), by bisection on the closed form."""
+        if self.fi >= len(self.arrivals):
             return k
-        arrival = self.future[self.fi][0]
+        arrival = self.arrivals[self.fi][0]
         ctx = self.ctx_base + self.bs * self.D
         if self.t + decode_run_time(self.c, k, self.bs, ctx) < arrival:
             return k
@@ -594,50 +612,53 @@ class _Sim:
 
     # -- the loop --------------------------------------------------------------------------
     def run(self):
-        first = True
         while not self.done:
             self.arrive()
-            k = self.decode_jump_len(first)
+            k = self.decode_jump_len()
             if k >= 1:
                 k = self.jump_until_arrival(k)
             if k >= 1:
                 self.ndecay += k
-                self.run_decode(k, first)
+                self.run_decode(k)
             else:
-                adm = self.admit(first)
+                adm = self.admit()
                 if adm:
-                    self.run_extend(adm, first)
+                    self.run_extend(adm)
                 elif self.bs > 0:
                     if self.pool < self.bs:  # check_decode_mem failed
                         self.retract()
                     else:
                         self.ndecay += 1
                     if self.bs > 0 and not self.done:
-                        self.run_decode(1, first)
-                elif self.fi < len(self.future) and not (first and self.elapsed > 0.0):
-                    self.t = max(self.t, self.future[self.fi][0])  # idle until it arrives
-                elif not (first and self.elapsed > 0.0):
+                        self.run_decode(1)
+                elif self.fi < len(self.arrivals):
+                    self.t = max(self.t, self.arrivals[self.fi][0])  # idle until it arrives
+                else:
                     break  # nothing can ever run: the candidate waits forever
-                # else: no step was in flight at the snapshot after all; start afresh
-            first = False
-        return self.ttft, self.e2e, self.queue_s
+        # from the candidate's arrival (inf stays inf)
+        return self.ttft - self.elapsed, self.e2e - self.elapsed, self.queue_s - self.elapsed
 
 
 def simulate(running, waiting, pending, iscal, fscal, coeffs, cand, workspace=None,
-             step_by_step=False, future=None, future_t=None):
-    """Predict ``(ttft_s, e2e_s, queue_s)`` of ``cand``; ``inf`` where it never happens.
+             step_by_step=False, future=None, future_t=None, pending_t=None):
+    """Predict ``(ttft_s, e2e_s, queue_s)`` of ``cand``, in seconds from its arrival
+    (``elapsed_s`` after the snapshot); ``inf`` where it never happens.
 
     Same contract as ``block_sgl._fastsim.simulate``; ``workspace`` is ignored here. With
     ``step_by_step`` every decode step is simulated one at a time (the reference the closed-form
-    jumps are tested against). ``future`` / ``future_t``: expected arrivals (both or neither).
+    jumps are tested against). ``future`` / ``future_t``: expected arrivals (both or neither);
+    ``pending_t``: when each pending request arrives (default: at the snapshot).
     """
     fut = _future_arg(future, future_t)
-    validate(running, waiting, pending, iscal, fscal, coeffs, cand, fut)
+    validate(running, waiting, pending, iscal, fscal, coeffs, cand, fut, pending_t)
     conv = [[[int(x) for x in row] for row in t] for t in (running, waiting, pending)]
     if fut is not None:
         fut = ([[int(x) for x in row] for row in fut[0]], [float(x) for x in fut[1]])
+    if pending_t is not None:
+        pending_t = [float(x) for x in pending_t]
     sim = _Sim(conv[0], conv[1], conv[2], [int(x) for x in iscal],
-               [float(x) for x in fscal], coeffs, [int(x) for x in cand], step_by_step, fut)
+               [float(x) for x in fscal], coeffs, [int(x) for x in cand], step_by_step, fut,
+               pending_t)
     return sim.run()
 
 
@@ -649,19 +670,21 @@ def _future_arg(future, future_t):
 
 def simulate_many(states, cands, coeffs, out, workspace=None):
     """``simulate`` over K instances (``states[i]`` = ``(running, waiting, pending, iscal,
-    fscal)``, optionally followed by ``future, future_t``); fills ``out[i] = (ttft_s, e2e_s,
-    queue_s)`` after validating every input."""
+    fscal)``, optionally followed by ``future, future_t`` (each may be None) and then
+    ``pending_t``); fills ``out[i] = (ttft_s, e2e_s, queue_s)`` after validating every input."""
     k = len(states)
     if len(cands) != k or len(coeffs) != k or tuple(out.shape) != (k, 3):
         raise ValueError(f"got {k} states, {len(cands)} candidates, {len(coeffs)} step models "
                          f"and out of shape {tuple(out.shape)[:2]}: need K each and (K, 3)")
     for i in range(k):
         st = states[i]
-        if len(st) not in (5, 7):
-            raise ValueError(f"states[{i}] must have 5 or 7 arrays, got {len(st)}")
-        validate(*st[:5], coeffs[i], cands[i], _future_arg(*st[5:]) if len(st) == 7 else None)
+        if len(st) not in (5, 7, 8):
+            raise ValueError(f"states[{i}] must have 5, 7 or 8 arrays, got {len(st)}")
+        validate(*st[:5], coeffs[i], cands[i], _future_arg(*st[5:7]) if len(st) >= 7 else None,
+                 st[7] if len(st) == 8 else None)
     for i in range(k):
         st = states[i]
-        out[i] = simulate(*st[:5], coeffs[i], cands[i], future=st[5] if len(st) == 7 else None,
-                          future_t=st[6] if len(st) == 7 else None)
+        out[i] = simulate(*st[:5], coeffs[i], cands[i], future=st[5] if len(st) >= 7 else None,
+                          future_t=st[6] if len(st) >= 7 else None,
+                          pending_t=st[7] if len(st) == 8 else None)
     return out

@@ -11,8 +11,10 @@ an ImportError, never a silent fallback), or the pure-Python twin when the envir
 
 Typical use (the router builds an ``InstanceState`` per snapshot and reuses it)::
 
-    state = InstanceState(config, running, waiting, free_kv_tokens=..., evictable_tokens=...)
-    p = predict(state.with_pending(in_flight), Candidate(800, 512, 200, 1024), step_model)
+    state = InstanceState(config, running, waiting, free_kv_tokens=..., evictable_tokens=...,
+                          elapsed_s=now - snapshot_time)  # the candidate arrives then
+    p = predict(state.with_pending(in_flight, dispatched_at - snapshot_time),
+                Candidate(800, 512, 200, 1024), step_model)
 """
 
 from __future__ import annotations
@@ -176,8 +178,12 @@ class InstanceState:
     """One instance as its snapshot shows it, plus requests dispatched since (``pending``).
 
     ``chunked_idx`` indexes ``waiting`` (-1: none): that request is mid chunked prefill with
-    ``chunked_prefilled`` tokens (cached prefix included) already in KV. ``elapsed_s``: time
-    already spent in the step in flight at the snapshot (0: the snapshot is between steps).
+    ``chunked_prefilled`` tokens (cached prefix included) already in KV. The simulation starts
+    at the snapshot (a scheduling-round boundary: the hooks take it at the end of a step); the
+    candidate arrives ``elapsed_s`` later, each pending request at ``pending_times`` (seconds
+    after the snapshot; None: all at the snapshot, i.e. in transit when it was taken; a time
+    after ``elapsed_s`` counts as ``elapsed_s``). Predictions count from the candidate's
+    arrival. See ``block_sgl/_fastsim_py.py``.
     """
 
     config: InstanceConfig
@@ -194,13 +200,16 @@ class InstanceState:
     elapsed_s: float = 0.0
     future: RequestTable | None = None
     """Requests expected to arrive after the candidate (``expected_arrivals``), with
-    ``future_times`` (seconds from the snapshot, non-decreasing); None: no arrivals assumed."""
+    ``future_times`` (seconds after the candidate's arrival, non-decreasing); None: no arrivals
+    assumed."""
     future_times: np.ndarray | None = None
+    pending_times: np.ndarray | None = None
     iscal: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
     fscal: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
     arrays: tuple = dataclasses.field(init=False, repr=False, compare=False)
     """``(running, waiting, pending, iscal, fscal)`` as the kernel takes them, followed by
-    ``(future, future_times)`` when arrivals are expected."""
+    ``(future, future_times)`` when arrivals are expected, and by ``(future or None,
+    future_times or None, pending_times)`` when pending times are given."""
 
     def __post_init__(self):
         c = self.config
@@ -221,22 +230,33 @@ class InstanceState:
             times = np.ascontiguousarray(self.future_times, dtype=np.float64).reshape(-1)
             object.__setattr__(self, "future_times", times)
             arrays += (self.future.packed, times)
+        if self.pending_times is not None:
+            times = np.ascontiguousarray(self.pending_times, dtype=np.float64).reshape(-1)
+            object.__setattr__(self, "pending_times", times)
+            arrays = arrays[:5] + (arrays[5:] or (None, None)) + (times,)
         object.__setattr__(self, "arrays", arrays)
 
-    def with_pending(self, pending: RequestTable) -> "InstanceState":
-        """A copy whose pending requests (dispatched, not yet in the snapshot) are ``pending``."""
-        return dataclasses.replace(self, pending=pending)
+    def with_pending(self, pending: RequestTable,
+                     times: np.ndarray | None = None) -> "InstanceState":
+        """A copy whose pending requests (dispatched, not yet in the snapshot) are ``pending``,
+        arriving ``times`` seconds after the snapshot (None: at the snapshot)."""
+        return dataclasses.replace(self, pending=pending, pending_times=times)
 
     def with_future(self, future: RequestTable | None,
                     times: np.ndarray | None) -> "InstanceState":
         """A copy that expects ``future`` requests at ``times`` (see ``expected_arrivals``)."""
         return dataclasses.replace(self, future=future, future_times=times)
 
-    def arrays_with_pending(self, pending_packed: np.ndarray) -> tuple:
-        """``with_pending(...).arrays`` without building the copy (the router's hot path):
-        ``pending_packed`` is a ``packed_rows`` result."""
+    def arrays_with_pending(self, pending_packed: np.ndarray,
+                            pending_times: np.ndarray | None = None) -> tuple:
+        """``with_pending(pending, pending_times).arrays`` without building the copy:
+        ``pending_packed`` is a ``packed_rows`` result, ``pending_times`` float64 ``(p,)``
+        C-contiguous or None (at the snapshot)."""
         a = self.arrays
-        return (a[0], a[1], pending_packed) + a[3:]
+        out = (a[0], a[1], pending_packed, a[3], a[4]) + a[5:7]
+        if pending_times is None:
+            return out
+        return out + ((None, None) if len(out) == 5 else ()) + (pending_times,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +290,7 @@ def expected_arrivals(rate_per_s: float, horizon_s: float, *, input_len: int, pr
                       pred_output_len: int, max_new_tokens: int, ignore_eos: bool = False,
                       max_requests: int = 256) -> tuple[RequestTable, np.ndarray]:
     """The requests an instance can expect after the candidate: one of the typical shape every
-    ``1 / rate_per_s`` seconds (the first one interval after the snapshot) up to ``horizon_s``,
+    ``1 / rate_per_s`` seconds (the first one interval after its arrival) up to ``horizon_s``,
     at most ``max_requests``. Evenly spaced at the mean rate: bursts are not foreseen, only how
     much work arrives while the candidate runs. For ``InstanceState.with_future``."""
     for name, v in (("rate_per_s", rate_per_s), ("horizon_s", horizon_s)):
@@ -302,7 +322,7 @@ def predict(state: InstanceState, candidate: Candidate, step_model, *, workspace
             step_by_step: bool = False) -> Prediction:
     """Predict the candidate's TTFT, E2E and queueing delay on ``state`` (seconds; inf if the
     instance could never serve it). ``step_model``: a ``StepModel`` or its 5 coefficients."""
-    a = state.arrays  # 5 arrays, or 7 with expected arrivals (future, future_times)
+    a = state.arrays  # 5 arrays, 7 with expected arrivals, 8 with pending times
     return Prediction(*_kernel.simulate(*a[:5], _coeffs(step_model), candidate.packed,
                                         workspace, step_by_step, *a[5:]))
 

@@ -161,9 +161,11 @@ def main() -> None:
             st = instance_state(
                 cfg, snap, lambda cols: [true_out.get(rid, m) for rid, m in
                                          zip(cols.rid, cols.max_new_tokens)])
-            if pending:
+            if pending:  # replayed from the snapshot: each arrives when it was sent
+                sent_since = np.array([s["sent_at"] for s in pending]) - snap.time
                 st = st.with_pending(fastsim.RequestTable.from_rows(
-                    [(s["input_len"], s["prefix"], 0, s["out"], 1, s["out"]) for s in pending]))
+                    [(s["input_len"], s["prefix"], 0, s["out"], 1, s["out"]) for s in pending]),
+                    np.maximum.accumulate(np.maximum(sent_since, 0.0)))
             prefix = index.matched_pages(endpoint, page_hashes(r["ids"], page)) * page
             cand = fastsim.Candidate(len(r["ids"]), prefix, r["out"], r["out"], True)
             pred = fastsim.predict(st, cand, step_model)

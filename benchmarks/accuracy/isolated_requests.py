@@ -21,6 +21,8 @@ import threading
 import time
 import urllib.request
 
+import numpy as np
+
 from block_sgl import fastsim
 from block_sgl.predictor import perf_model
 from block_sgl.predictor.profile import ProfileGrid, profile
@@ -55,14 +57,19 @@ def main() -> None:
         n_in, n_out = args.input_len, args.output_len
         for case, size in (("alone", 1), ("batch", args.batch)):
             time.sleep(1.0)  # idle instance, fresh snapshot
-            base = instance_state(cfg, state.snapshot, lambda cols: [n_out] * len(cols))
-            sent, preds, results, threads = [], [], [{} for _ in range(size)], []
+            snap = state.snapshot
+            sent, sent_at, preds, results, threads = [], [], [], [{} for _ in range(size)], []
             for k in range(size):
                 ids = [100 + (7919 * (k + 1) * (i + 1)) % 20000 for i in range(n_in)]  # no sharing
-                st = base.with_pending(fastsim.RequestTable.from_rows(sent)) if sent else base
+                # replayed from the snapshot: the earlier ones arrive when they were sent
+                st = instance_state(cfg, snap, lambda cols: [n_out] * len(cols), time.time())
+                if sent:
+                    st = st.with_pending(fastsim.RequestTable.from_rows(sent),
+                                         np.maximum.accumulate(np.maximum(np.array(sent_at) - snap.time, 0.0)))
                 preds.append(fastsim.predict(st, fastsim.Candidate(n_in, 0, n_out, n_out, True),
                                              step_model))
                 sent.append((n_in, 0, 0, n_out, 1, n_out))
+                sent_at.append(time.time())
                 t = threading.Thread(target=stream_generate,
                                      args=(url, f"iso-{case}-{k}", ids, n_out, results[k]))
                 t.start()

@@ -36,7 +36,7 @@ from block_sgl.router.config import RouterConfig
 from block_sgl.router.lengths import OutputLengthStats
 from block_sgl.router.policies import InstanceView, Policy, RequestView, make_policy
 from block_sgl.router.prefix_index import PrefixIndex
-from block_sgl.router.state import instance_config, instance_state
+from block_sgl.router.state import instance_config, instance_state, snapshot_age
 
 logger = logging.getLogger("block_sgl.router")
 
@@ -91,6 +91,11 @@ class Worker:
     _pending_queued: int = 0
     _pending_table: object = None
     """Kernel layout of ``pending`` (``fastsim.RequestTable.packed_rows``); None: rebuild."""
+    _pending_times: tuple | None = None
+    """(snapshot, pending table, when each pending request reached the instance after the
+    snapshot: float64, non-decreasing)."""
+    _fscal: tuple | None = None
+    """(base state, a copy of its fscal whose elapsed_s each decision overwrites)."""
     _oldest_pending: float = 0.0
     _state_cache: tuple | None = None
     """(snapshot, fastsim.InstanceState without pending, hello)."""
@@ -408,13 +413,35 @@ class Router:
             worker._state_cache = (key, base, hello)
         if worker.base_model is None:
             worker.base_model = self._profile_model(hello)
+        # fastsim replays from the snapshot: the candidate arrives ``elapsed`` after it, each
+        # pending request when this router dispatched it (in transit at the snapshot: at it).
+        a = base.arrays
+        if key is None:  # no replay: nothing known happened since
+            if not worker.pending:
+                return a
+            return base.arrays_with_pending(self._pending_table(worker))
+        if worker._fscal is None or worker._fscal[0] is not base:
+            worker._fscal = (base, base.fscal.copy())  # one buffer, no allocation per decision
+        fscal = worker._fscal[1]
+        fscal[4] = snapshot_age(snap, now)  # F_ELAPSED; the kernel reads it during this decision
         if not worker.pending:
-            return base.arrays
+            return (a[0], a[1], a[2], a[3], fscal)
+        pending = self._pending_table(worker)
+        cached = worker._pending_times
+        if cached is None or cached[0] is not snap or cached[1] is not pending:
+            since = np.fromiter((r.dispatched_at for r in worker.pending.values()),
+                                dtype=np.float64, count=len(worker.pending)) - snap.time
+            np.maximum.accumulate(np.maximum(since, 0.0, out=since), out=since)
+            cached = worker._pending_times = (snap, pending, since)
+        return (a[0], a[1], pending, a[3], fscal, None, None, cached[2])
+
+    @staticmethod
+    def _pending_table(worker: Worker) -> np.ndarray:
         if worker._pending_table is None:
             rows = [(r.input_len, r.prefix_len, 0, r.max_new_tokens, int(r.ignore_eos),
                      r.pred_output_len) for r in worker.pending.values()]
             worker._pending_table = fastsim.RequestTable.packed_rows(rows)
-        return base.arrays_with_pending(worker._pending_table)
+        return worker._pending_table
 
     def _profile_model(self, hello: p.Hello) -> StepModel:
         """The step model before the instance's own step records calibrate it: its emulated

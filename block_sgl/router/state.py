@@ -46,17 +46,29 @@ def request_table(cols: p.RequestColumns, predict_output: OutputLengthOracle) ->
     return RequestTable.from_packed(packed)
 
 
+MAX_SNAPSHOT_AGE_S = 5.0
+"""fastsim replays at most this long from a snapshot (an older one is replayed as if the
+candidate arrived this long after it; a stream silent for ``stale_after_s`` is stale anyway)."""
+
+
+def snapshot_age(snap: p.Snapshot, now: float) -> float:
+    """Seconds from the snapshot to ``now`` (time.time()), within [0, MAX_SNAPSHOT_AGE_S]
+    (clocks of two hosts may disagree by a little)."""
+    return min(max(0.0, now - snap.time), MAX_SNAPSHOT_AGE_S)
+
+
 def instance_state(config: InstanceConfig, snap: p.Snapshot, predict_output: OutputLengthOracle,
                    now: float | None = None) -> InstanceState:
-    """fastsim's view of a snapshot; ``now`` (time.time()) sets how stale the snapshot is."""
+    """fastsim's view of a snapshot; the candidate arrives at ``now`` (time.time()): fastsim
+    replays the instance from the snapshot's time to then (``InstanceState.elapsed_s``)."""
     waiting = request_table(snap.waiting, predict_output)
     chunked_idx, prefilled = -1, 0
     if len(snap.chunked):
         waiting = request_table(snap.chunked, predict_output).concat(waiting)
         chunked_idx, prefilled = 0, snap.chunked_done_tokens
-    elapsed = max(0.0, (time.time() if now is None else now) - snap.time)
     return InstanceState(
         config=config, running=request_table(snap.running, predict_output), waiting=waiting,
         free_kv_tokens=snap.free_tokens, evictable_tokens=snap.evictable_tokens,
         new_token_ratio=snap.new_token_ratio, chunked_idx=chunked_idx,
-        chunked_prefilled=prefilled, elapsed_s=min(elapsed, 1.0))
+        chunked_prefilled=prefilled,
+        elapsed_s=snapshot_age(snap, time.time() if now is None else now))

@@ -79,7 +79,7 @@ def scenarios(draw):
                       cfg.max_prefill_tokens, 1 if cfg.schedule_policy == "lpm" else 0,
                       chunked_idx, chunked_done, draw(st.integers(0, 1)), clip,
                       cfg.retract_decode_steps], dtype=np.int64)
-    elapsed = draw(st.just(0.0) | st.floats(0.0, 0.05))
+    elapsed = draw(st.just(0.0) | st.floats(0.0, 0.05) | st.floats(0.0, 3.0))
     fscal = np.array([draw(st.floats(0.0, 1.0)), init, low, decay, elapsed])
     coeffs = np.array([draw(st.floats(0.0, 0.02)), draw(st.floats(0.0, 1e-4)),
                        draw(st.floats(0.0, 512.0)), draw(st.floats(0.0, 1e-8)),
@@ -234,3 +234,70 @@ def test_future_arrivals_bad_input(impl):
         impl.simulate(*base, future=bad, future_t=np.array([0.1, 0.2]))
     with pytest.raises(ValueError, match="both future and future_t"):
         impl.simulate(*base, future=future)
+
+
+@st.composite
+def with_pending_times(draw):
+    """A scenario whose pending requests arrive at non-decreasing times from the snapshot
+    (some after the candidate's arrival: they count as arriving with it), plus maybe future
+    arrivals."""
+    args, future, times = draw(with_future())
+    n_pend = args[2].shape[1]
+    gaps = draw(st.lists(st.floats(0.0, 0.5), min_size=n_pend, max_size=n_pend))
+    pending_t = np.cumsum(np.array(gaps, dtype=np.float64)).reshape(n_pend)
+    if draw(st.booleans()):
+        future, times = None, None
+    return args, future, times, pending_t
+
+
+@SETTINGS
+@given(with_pending_times())
+def test_pending_arrival_times_compiled_equals_twin(scenario):
+    args, future, times, pending_t = scenario
+    got = compiled.simulate(*args, future=future, future_t=times, pending_t=pending_t)
+    want = twin.simulate(*args, future=future, future_t=times, pending_t=pending_t)
+    assert all(_close(g, w) for g, w in zip(got, want)), (got, want)
+    step = compiled.simulate(*args, None, True, future=future, future_t=times,
+                             pending_t=pending_t)
+    assert all(_close(a, b) for a, b in zip(got, step)), (got, step)
+    ttft, e2e, queue = got
+    assert queue <= ttft <= e2e or math.isinf(ttft)
+    out = np.zeros((1, 3))
+    for impl in (compiled, twin):
+        impl.simulate_many([args[:5] + (future, times, pending_t)], [args[6]], [args[5]], out)
+        assert all(_close(g, w) for g, w in zip(out[0], got)), (out[0], got)
+
+
+@SETTINGS
+@given(with_pending_times())
+def test_pending_times_default_to_the_snapshot_and_never_follow_the_candidate(scenario):
+    """No times = all at the snapshot; a pending request was dispatched before the candidate,
+    so a time after the candidate's arrival counts as the candidate's."""
+    args, future, times, pending_t = scenario
+    elapsed = float(args[4][twin.F_ELAPSED])
+    for impl in (compiled, twin):
+        assert impl.simulate(*args, future=future, future_t=times) == impl.simulate(
+            *args, future=future, future_t=times, pending_t=np.zeros_like(pending_t))
+        late = impl.simulate(*args, future=future, future_t=times, pending_t=pending_t + 5.0)
+        assert late == impl.simulate(*args, future=future, future_t=times,
+                                     pending_t=np.full_like(pending_t, elapsed))
+
+
+@pytest.mark.parametrize("impl", [compiled, twin], ids=["compiled", "twin"])
+def test_pending_times_bad_input(impl):
+    empty = np.zeros((6, 0), dtype=np.int64)
+    pending = np.array([[1000, 10], [0, 0], [0, 0], [50, 5], [1, 1], [50, 5]], dtype=np.int64)
+    iscal = np.array([1, 100_000, 100_000, 0, 32, 8192, 16384, 0, -1, 0, 0, 4096, 20])
+    fscal = np.array([0.7, 0.7, 0.098, 0.001, 0.0])
+    coeffs = np.array([0.02, 0.0, 1e9, 0.0, 0.0])
+    cand = np.array([100, 0, 100, 100, 1], dtype=np.int64)
+    base = (empty, empty, pending, iscal, fscal, coeffs, cand)
+    with pytest.raises(ValueError, match="pending_t\\[1\\] must be finite, >= 0 and >= the "
+                                         "previous time"):
+        impl.simulate(*base, pending_t=np.array([0.5, 0.2]))
+    with pytest.raises(ValueError, match="pending_t\\[0\\]"):
+        impl.simulate(*base, pending_t=np.array([-0.1, 1.0]))
+    with pytest.raises(ValueError, match="pending_t\\[1\\]"):
+        impl.simulate(*base, pending_t=np.array([0.1, np.nan]))
+    with pytest.raises(ValueError, match="pending_t"):
+        impl.simulate(*base, pending_t=np.array([0.1]))

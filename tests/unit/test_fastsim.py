@@ -32,8 +32,9 @@ def sim(request):
     kernel = IMPLS[request.param]
 
     def run(state, cand, model=M, step_by_step=False):
-        return Prediction(*kernel.simulate(*state.arrays, model.as_array(), cand.packed, None,
-                                           step_by_step))
+        a = state.arrays
+        return Prediction(*kernel.simulate(*a[:5], model.as_array(), cand.packed, None,
+                                           step_by_step, *a[5:]))
     return run
 
 
@@ -164,17 +165,41 @@ def test_pending_requests_queue_before_the_candidate(sim):
     assert sim(more, cand).ttft_s > sim(base, cand).ttft_s
 
 
-def test_elapsed_time_in_the_current_step(sim):
+def test_the_replay_starts_at_the_snapshot_and_counts_from_the_candidates_arrival(sim):
     cand = Candidate(1000, 0, 10, 100)
-    assert sim(idle(elapsed_s=0.5), cand) == sim(idle(), cand)  # nothing was in flight
+    alone = sim(idle(), cand)
+    late = sim(idle(elapsed_s=0.5), cand)  # nothing ran meanwhile
+    assert late == pytest.approx(alone, rel=1e-12)
     running = RequestTable.from_rows([(100, 0, 1, 100, 0, 50)])
     state = InstanceState(CFG, running, EMPTY, free_kv_tokens=190_000)
     first = decode_time(1, 101)
-    later = sim(dataclasses.replace(state, elapsed_s=0.002), cand)
-    now = sim(state, cand)
-    # the in-flight decode step runs without the candidate, 2 ms of it already done
-    assert later.queue_s == pytest.approx(first - 0.002, rel=1e-9)
-    assert now.queue_s == 0.0
+    # at the snapshot: prefill first; 2 ms later: the decode step begun at the snapshot ends
+    # first; a step and a half later: the candidate waits for the end of the second one
+    assert sim(state, cand).queue_s == 0.0
+    assert sim(dataclasses.replace(state, elapsed_s=0.002), cand).queue_s == \
+        pytest.approx(first - 0.002, rel=1e-9)
+    two = first + decode_time(1, 102)
+    assert sim(dataclasses.replace(state, elapsed_s=first * 1.5), cand).queue_s == \
+        pytest.approx(two - first * 1.5, rel=1e-9)
+
+
+def test_pending_requests_arrive_at_their_times(sim):
+    """A pending request that reached the instance at the snapshot is prefilled in the step
+    begun then, without the candidate that arrives 10 ms later; one that arrives with the
+    candidate shares its prefill step; a time after the candidate's counts as the candidate's."""
+    cand = Candidate(500, 0, 10, 100)
+    base = idle(elapsed_s=0.01)
+    pending = rows(1, inp=3000)
+    early = sim(base.with_pending(pending, np.array([0.0])), cand)
+    assert early.queue_s == pytest.approx(prefill_time(3000) - 0.01, rel=1e-9)
+    assert early.ttft_s == pytest.approx(prefill_time(3000) + prefill_time(500) - 0.01,
+                                         rel=1e-9)
+    assert sim(base.with_pending(pending), cand) == early  # default: at the snapshot
+    together = sim(base.with_pending(pending, np.array([0.01])), cand)
+    assert together.queue_s == 0.0
+    batch = M.step_time(3500, 3000 * 3001 / 2.0 + 500 * 501 / 2.0, 0, 0)
+    assert together.ttft_s == pytest.approx(batch, rel=1e-9)
+    assert sim(base.with_pending(pending, np.array([5.0])), cand) == together
 
 
 def test_lpm_serves_the_longest_prefix_first(sim):
@@ -387,6 +412,16 @@ def test_router_fast_path_arrays_equal_the_table_path():
     for kernel in IMPLS.values():
         assert kernel.simulate(*fast, M.as_array(), cand.packed, None, False) == \
             kernel.simulate(*slow, M.as_array(), cand.packed, None, False)
+    times = np.array([0.0, 0.004])
+    timed = state.arrays_with_pending(RequestTable.packed_rows(pending_rows), times)
+    slow_timed = state.with_pending(RequestTable.from_rows(pending_rows), times).arrays
+    assert len(timed) == len(slow_timed) == 8 and timed[5] is None and timed[6] is None
+    assert all(np.array_equal(a, b) for a, b in zip(timed[:5] + timed[7:],
+                                                    slow_timed[:5] + slow_timed[7:]))
+    for kernel in IMPLS.values():
+        a = timed
+        assert kernel.simulate(*a[:5], M.as_array(), cand.packed, None, False, *a[5:]) == \
+            kernel.simulate(*a[:5], M.as_array(), cand.packed, None, False, pending_t=times)
     assert RequestTable.packed_rows([]).shape == RequestTable.empty().packed.shape
     with pytest.raises(ValueError, match="fields"):
         RequestTable.packed_rows([(1, 2, 3)])

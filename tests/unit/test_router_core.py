@@ -4,6 +4,7 @@ matching, predictive picks, stale instances, health, provisioning."""
 import math
 import time
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -14,6 +15,7 @@ from block_sgl.page_hash import page_hashes
 from block_sgl.router.config import ConfigError, RouterConfig
 from block_sgl.router.core import NoInstanceAvailable, Router
 from block_sgl.router.ingest import InstanceState
+from block_sgl.router.state import MAX_SNAPSHOT_AGE_S
 
 URLS = ("http://w0:1", "http://w1:1")
 ENDPOINTS = ["tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001"]
@@ -115,6 +117,38 @@ def test_pending_requests_expire_after_their_ttl():
     v = router.decide(rv, ids).views[d.worker]
     assert v.waiting == 0 and v.queued_prefill_tokens == 0
     assert router.stats["pending_expired"] == 1
+
+
+def test_fastsim_replays_from_the_snapshot_to_the_decision_with_pending_dispatch_times():
+    """The kernel gets, at every decision, the time since the snapshot (the candidate's
+    arrival) and when each pending request was dispatched, relative to the snapshot (at it if
+    dispatched before: in transit when the snapshot was taken)."""
+    t0 = time.time()
+    now = [t0]
+    router = make_router(policy="least_requests", clock=lambda: now[0])
+    snap = msgspec.structs.replace(snapshot(0, running=2), time=t0)
+    feed(router, 0, snap)
+    rv, ids = request(router)
+    w = router.workers[0]
+    for dt in (0.2, 0.3):
+        now[0] = t0 + dt
+        d = router.decide(rv, ids)
+        d.worker, d.chosen = 0, d.views[0]
+        router.dispatched(d)
+    for dt in (0.5, 0.75):  # the same snapshot, later decisions: the arrival moves with them
+        now[0] = t0 + dt
+        arrays = router._fastsim_arrays(w, snap, False, now[0])
+        assert len(arrays) == 8 and arrays[4][4] == pytest.approx(dt)
+        assert arrays[7].tolist() == pytest.approx([0.2, 0.3])
+        assert arrays[2].shape == (6, 2)
+    later = msgspec.structs.replace(snap, time=t0 + 0.25)  # shows neither of them yet
+    feed(router, 0, later)
+    arrays = router._fastsim_arrays(w, later, False, now[0])
+    assert arrays[4][4] == pytest.approx(0.5) and arrays[7].tolist() == pytest.approx([0.0, 0.05])
+    stale = router._fastsim_arrays(w, later, True, now[0])  # no usable snapshot: no replay
+    assert stale[4][4] == 0.0 and len(stale) == 5
+    now[0] = t0 + 60  # a snapshot older than fastsim replays
+    assert router._fastsim_arrays(w, later, False, now[0])[4][4] == MAX_SNAPSHOT_AGE_S
 
 
 def test_cached_prefix_from_cache_events_and_speculative_entries():
