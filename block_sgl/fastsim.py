@@ -41,6 +41,9 @@ else:
             "instead.") from exc
 
 POLICIES = {"fcfs": _spec.POLICY_FCFS, "lpm": _spec.POLICY_LPM}
+FSCAL_ELAPSED = _spec.F_ELAPSED
+"""Where ``InstanceState.fscal`` holds ``elapsed_s`` (the candidate's arrival after the
+snapshot)."""
 
 
 def implementation() -> str:

@@ -423,7 +423,7 @@ class Router:
         if worker._fscal is None or worker._fscal[0] is not base:
             worker._fscal = (base, base.fscal.copy())  # one buffer, no allocation per decision
         fscal = worker._fscal[1]
-        fscal[4] = snapshot_age(snap, now)  # F_ELAPSED; the kernel reads it during this decision
+        fscal[fastsim.FSCAL_ELAPSED] = snapshot_age(snap, now)  # read by this decision's kernel
         if not worker.pending:
             return (a[0], a[1], a[2], a[3], fscal)
         pending = self._pending_table(worker)
