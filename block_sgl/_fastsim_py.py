@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import NamedTuple
 
 FIELDS = ("input_len", "prefix_len", "output_len", "max_new_tokens", "ignore_eos",
           "pred_output_len")
@@ -287,7 +288,26 @@ class _Req:
         self.seq = 0
 
 
+class SimStep(NamedTuple):
+    """One simulated step (or a closed-form stretch of decode steps), for ``simulate_trace``.
+    Request ids count through running, waiting, pending, the candidate, future, in order."""
+
+    start_s: float
+    """From the snapshot."""
+    end_s: float
+    kind: str
+    """``"extend"`` or ``"decode"``."""
+    steps: int
+    """Decode steps in the stretch (1 for an extend)."""
+    batch: int
+    """Requests decoding (decode) or prefilled (extend) in it."""
+    extend: tuple = ()
+    """Extend only: ``(id, new tokens, tokens already in KV, prefill complete)`` per request."""
+
+
 class _Sim:
+    trace = None  # a list to append SimSteps to (simulate_trace), else None
+
     def __init__(self, running, waiting, pending, iscal, fscal, coeffs, cand, step_by_step,
                  future=None, pending_t=None):
         self.c = [float(x) for x in coeffs]
@@ -507,6 +527,8 @@ class _Sim:
             pairs += e * (p + (e + 1) / 2.0)
         t_start = self.t
         self.advance(step_time(self.c, tokens, pairs, 0, 0))
+        if self.trace is not None:
+            self.trace.append(SimStep(t_start, self.t, "extend", 1, len(adm), tuple(adm)))
         self.pool -= tokens
         reset_full = self.bs == 0 or self.chunk >= 0 and any(a[0] == self.chunk for a in adm)
         for rid, _, _, complete in adm:
@@ -567,7 +589,10 @@ class _Sim:
 
     def run_decode(self, k):
         ctx = self.ctx_base + self.bs * self.D
+        t_start = self.t
         self.advance(decode_run_time(self.c, k, self.bs, ctx))
+        if self.trace is not None:
+            self.trace.append(SimStep(t_start, self.t, "decode", k, self.bs))
         self.pool -= k * self.bs
         self.D += k
         self.finish_running()
@@ -640,14 +665,15 @@ class _Sim:
 
 
 def simulate(running, waiting, pending, iscal, fscal, coeffs, cand, workspace=None,
-             step_by_step=False, future=None, future_t=None, pending_t=None):
+             step_by_step=False, future=None, future_t=None, pending_t=None, trace=None):
     """Predict ``(ttft_s, e2e_s, queue_s)`` of ``cand``, in seconds from its arrival
     (``elapsed_s`` after the snapshot); ``inf`` where it never happens.
 
     Same contract as ``block_sgl._fastsim.simulate``; ``workspace`` is ignored here. With
     ``step_by_step`` every decode step is simulated one at a time (the reference the closed-form
     jumps are tested against). ``future`` / ``future_t``: expected arrivals (both or neither);
-    ``pending_t``: when each pending request arrives (default: at the snapshot).
+    ``pending_t``: when each pending request arrives (default: at the snapshot). ``trace``
+    (this twin only): a list that receives every simulated step as a ``SimStep``.
     """
     fut = _future_arg(future, future_t)
     validate(running, waiting, pending, iscal, fscal, coeffs, cand, fut, pending_t)
@@ -659,6 +685,7 @@ def simulate(running, waiting, pending, iscal, fscal, coeffs, cand, workspace=No
     sim = _Sim(conv[0], conv[1], conv[2], [int(x) for x in iscal],
                [float(x) for x in fscal], coeffs, [int(x) for x in cand], step_by_step, fut,
                pending_t)
+    sim.trace = trace
     return sim.run()
 
 

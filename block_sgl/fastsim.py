@@ -330,6 +330,20 @@ def predict(state: InstanceState, candidate: Candidate, step_model, *, workspace
                                         workspace, step_by_step, *a[5:]))
 
 
+def trace(state: InstanceState, candidate: Candidate, step_model) -> tuple[Prediction, list]:
+    """``predict`` by the readable twin, with every simulated step (``SimStep``: start and end
+    from the snapshot, extend or decode, who was prefilled) — for finding where a prediction
+    parts from what an instance did (``benchmarks/accuracy/fastsim_accuracy.py --trace``)."""
+    a = state.arrays
+    steps: list = []
+    result = _spec.simulate(*a[:5], _coeffs(step_model), candidate.packed, None, False, *a[5:],
+                            trace=steps)
+    return Prediction(*result), steps
+
+
+SimStep = _spec.SimStep
+
+
 def predict_rows(state_arrays: list, candidate_rows: list, coeffs: list, out: np.ndarray,
                  workspace=None) -> np.ndarray:
     """The hot-path form of ``predict_many`` for callers that keep packed inputs (the router):

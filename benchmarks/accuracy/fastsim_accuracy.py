@@ -19,7 +19,7 @@
    arrival cannot know.
 4. Report MAPE and P90 absolute error of TTFT and E2E, for the three predictions.
 
-    .venv/bin/python benchmarks/accuracy/fastsim_accuracy.py [--requests 120] [--rate 1.5] [--time-scale 8] [--seed 0]
+    .venv/bin/python benchmarks/accuracy/fastsim_accuracy.py [--requests 120] [--rate 1.5] [--time-scale 8] [--seed 0] [--trace N]
 
 Results: benchmarks/results/fastsim_accuracy.json
 """
@@ -77,13 +77,15 @@ def stream_generate(url: str, rid: str, ids: list[int], out: int, result: dict) 
 
 
 def known_future(inputs, sent: dict, results: dict, step_model, ttft_overhead: float,
-                 e2e_overhead: float) -> None:
+                 e2e_overhead: float) -> dict:
     """Each request's prediction from the snapshot it was predicted from, plus the requests that
     were really sent after it (their send times relative to its prediction, their true shapes,
-    lengths and matched prefixes), up to 3 × its snapshot-only E2E + 1 s ahead."""
+    lengths and matched prefixes), up to 3 × its snapshot-only E2E + 1 s ahead. Returns rid →
+    (that state, the candidate, the snapshot's time) for ``print_traces``."""
     order = [rid for rid, *_ in inputs]
     sent_at = np.array([sent[rid]["sent_perf"] for rid in order])
-    for i, (rid, st, cand, now, e2e) in enumerate(inputs):
+    states = {}
+    for i, (rid, st, cand, now, e2e, snap_time) in enumerate(inputs):
         later = [j for j in range(i + 1, min(len(order), i + 257))
                  if sent_at[j] <= now + 3 * e2e + 1.0]
         state = st
@@ -95,6 +97,40 @@ def known_future(inputs, sent: dict, results: dict, step_model, ttft_overhead: f
         pred = fastsim.predict(state, cand, step_model)
         results[rid].update(pred_ttft_known_future=pred.ttft_s + ttft_overhead,
                             pred_e2e_known_future=pred.e2e_s + e2e_overhead)
+        states[rid] = (state, cand, snap_time)
+    return states
+
+
+def print_traces(n: int, states: dict, results: dict, step_records: list, step_model) -> None:
+    """For the ``n`` requests with the largest known-future TTFT error: fastsim's steps (the
+    readable twin, ``fastsim.trace``) next to the instance's real ones (its StepRecords), both
+    in seconds from the snapshot the prediction started from."""
+    real = sorted((end - dur, end, mode, reqs, ext) for m in step_records for end, dur, mode,
+                  reqs, ext in zip(m.end_time, m.duration_s, m.forward_mode, m.num_reqs,
+                                   m.extend_tokens))
+    worst = sorted(states, key=lambda rid: -abs(results[rid]["pred_ttft_known_future"]
+                                                 / results[rid]["ttft"] - 1.0))[:n]
+    for rid in worst:
+        state, cand, snap_time = states[rid]
+        r = results[rid]
+        pred, steps = fastsim.trace(state, cand, step_model)
+        arrival = state.elapsed_s
+        print(f"\n== {rid}: TTFT observed {r['ttft']:.3f} s, known future "
+              f"{r['pred_ttft_known_future']:.3f} s; candidate arrives {arrival:.3f} s after the "
+              f"snapshot; {len(state.running)} running, {len(state.waiting)} waiting, "
+              f"{len(state.pending)} pending (sim ids: running, waiting, pending, candidate, "
+              f"later; '+': a chunk)")
+        horizon = arrival + max(r["ttft"], pred.ttft_s) + 0.3
+        for s in steps:
+            if s.start_s > horizon:
+                break
+            who = " ".join(f"{i}:{e}{'' if done else '+'}" for i, e, _, done in s.extend)
+            print(f"  sim  {s.start_s:7.3f} – {s.end_s:7.3f} {s.kind:6s} x{s.steps:<4d} "
+                  f"batch {s.batch:3d} {who}")
+        for start, end, mode, reqs, ext in real:
+            if -0.3 <= start - snap_time <= horizon:
+                print(f"  real {start - snap_time:7.3f} – {end - snap_time:7.3f} {mode:6s} "
+                      f"reqs {reqs:3d} extend tokens {ext}")
 
 
 def main() -> None:
@@ -105,6 +141,9 @@ def main() -> None:
                     help="emulated-time stretch; the tiny model's real CPU cost (~1 ms per "
                          "decoding request per step) must stay below the emulated step time")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
+    ap.add_argument("--trace", type=int, default=0, metavar="N",
+                    help="print fastsim's simulated steps next to the instance's real ones for "
+                         "the N requests with the largest known-future TTFT error")
     ap.add_argument("--arrival-window", type=float, default=30.0,
                     help="seconds of past arrivals the expected arrival rate is measured over")
     args = ap.parse_args()
@@ -117,7 +156,9 @@ def main() -> None:
         print("calibrating the step model from the instance's step records ...", flush=True)
         doc = profile(url, endpoint, ProfileGrid(repeats=1), seed=args.seed + 1)
         step_model = perf_model.model_from_json(doc).as_array()
-        sub = StreamSubscriber([endpoint], on_cache_event=index.apply)
+        step_records = []  # for --trace
+        sub = StreamSubscriber([endpoint], on_cache_event=index.apply,
+                               on_steps=lambda e, m: step_records.append(m))
         sub.start()
         assert sub.wait_until(lambda s: not s.stale(), 30), sub.errors
         state = sub.states[endpoint]
@@ -148,7 +189,7 @@ def main() -> None:
         print(f"replaying {len(reqs)} requests at {args.rate} req/s (bursty) ...", flush=True)
         t_next = t_start = time.perf_counter()
         history: list[tuple[float, int, int, int]] = []  # (sent at, input_len, prefix, out)
-        known_future_inputs = []  # (rid, state, candidate, time of the prediction, E2E predicted)
+        known_future_inputs = []  # (rid, state, candidate, prediction time, E2E, snapshot time)
         for r in reqs:
             t_next += r["gap"]
             time.sleep(max(0.0, t_next - time.perf_counter()))
@@ -186,7 +227,7 @@ def main() -> None:
             else:
                 pred_f, future_rate = pred, 0.0
             history.append((now, len(r["ids"]), prefix, r["out"]))
-            known_future_inputs.append((r["rid"], st, cand, now, pred.e2e_s))
+            known_future_inputs.append((r["rid"], st, cand, now, pred.e2e_s, snap.time))
             results[r["rid"]] = {"pred_ttft": pred.ttft_s + ttft_overhead, "pred_e2e": pred.e2e_s + e2e_overhead,
                                  "pred_ttft_arrivals": pred_f.ttft_s + ttft_overhead,
                                  "pred_e2e_arrivals": pred_f.e2e_s + e2e_overhead,
@@ -202,7 +243,8 @@ def main() -> None:
         for t in threads:
             t.join()
         sub.stop()
-        known_future(known_future_inputs, sent, results, step_model, ttft_overhead, e2e_overhead)
+        states = known_future(known_future_inputs, sent, results, step_model, ttft_overhead,
+                              e2e_overhead)
 
     rows = list(results.values())
     out = {"machine": f"{platform.node()} {platform.machine()}", "profile": PROFILE,
@@ -238,6 +280,8 @@ def main() -> None:
               f"{1e3 * out['e2e_p90_abs_err_s' + suffix]:.0f} ms, median signed "
               f"{100 * out['e2e_median_signed_rel_err' + suffix]:+.1f} %)")
     print(f"observed TTFT p50 {out['ttft_observed_p50_s']:.2f} s, max queue {out['max_queue_seen']}")
+    if args.trace:
+        print_traces(args.trace, states, results, step_records, step_model)
     print(json.dumps({k: v for k, v in out.items() if k != "per_request"}))
 
 

@@ -493,3 +493,20 @@ def test_from_packed_is_the_column_table_and_validates_its_layout():
     with pytest.raises(ValueError):
         empty.packed[:] = 1  # read-only: no caller can change everyone's empty table
     assert len(InstanceState(CFG, empty, empty, free_kv_tokens=10).pending) == 0
+
+
+def test_trace_lists_the_simulated_steps_of_the_prediction():
+    """``fastsim.trace`` (the twin, stepping) gives the same prediction as ``predict`` and the
+    steps behind it: here a pending request prefilled from the snapshot, then the candidate
+    (arrived 10 ms later), then one closed-form stretch of decode steps for both."""
+    state = idle(elapsed_s=0.01).with_pending(rows(1, inp=3000, pred=100), np.array([0.0]))
+    cand = Candidate(500, 0, 10, 100)
+    prediction, steps = fs.trace(state, cand, M)
+    assert prediction == pytest.approx(predict(state, cand, M), rel=1e-12)
+    assert [(s.kind, s.steps, s.batch) for s in steps] == [
+        ("extend", 1, 1), ("extend", 1, 1), ("decode", 9, 2)]
+    assert steps[0].extend == ((0, 3000, 0, True),) and steps[1].extend == ((1, 500, 0, True),)
+    assert steps[0].start_s == 0.0 and steps[0].end_s == prefill_time(3000)
+    assert all(a.end_s == b.start_s for a, b in zip(steps, steps[1:]))
+    assert prediction.ttft_s == pytest.approx(steps[1].end_s - 0.01, rel=1e-12)
+    assert prediction.e2e_s == pytest.approx(steps[2].end_s - 0.01, rel=1e-12)
