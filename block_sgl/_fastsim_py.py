@@ -137,32 +137,26 @@ def _check_table(name, table, n_first):
     return n
 
 
-def _check_future(table, times):
-    n = _check_table("future", table, 0)
+def _check_times(name, times, n, table_name):
+    """Arrival times: one per request of ``table_name``, finite, >= 0, non-decreasing."""
     if len(times) != n:
-        raise ValueError(f"future_t has {len(times)} entries, future has {n} requests")
+        raise ValueError(f"{name} has {len(times)} entries, {table_name} has {n} requests")
     previous = 0.0
     for i in range(n):
         t = times[i]
         if not (t >= previous and t < INF):  # also rejects NaN
-            raise ValueError(f"future_t[{i}] must be finite, >= 0 and >= the previous time, "
+            raise ValueError(f"{name}[{i}] must be finite, >= 0 and >= the previous time, "
                              f"got {t}")
+        previous = t
+
+
+def _check_future(table, times):
+    n = _check_table("future", table, 0)
+    _check_times("future_t", times, n, "future")
+    for i in range(n):
         if table[R_OUTPUT][i] != 0:
             raise ValueError(f"future.output_len[{i}] must be 0 (not yet arrived), "
                              f"got {table[R_OUTPUT][i]}")
-        previous = t
-
-
-def _check_pending_times(times, n):
-    if len(times) != n:
-        raise ValueError(f"pending_t has {len(times)} entries, pending has {n} requests")
-    previous = 0.0
-    for i in range(n):
-        t = times[i]
-        if not (t >= previous and t < INF):  # also rejects NaN
-            raise ValueError(f"pending_t[{i}] must be finite, >= 0 and >= the previous time, "
-                             f"got {t}")
-        previous = t
 
 
 def validate(running, waiting, pending, iscal, fscal, coeffs, cand, future=None,
@@ -172,7 +166,7 @@ def validate(running, waiting, pending, iscal, fscal, coeffs, cand, future=None,
     n_wait = _check_table("waiting", waiting, 0)
     n_pend = _check_table("pending", pending, 0)
     if pending_t is not None:
-        _check_pending_times(pending_t, n_pend)
+        _check_times("pending_t", pending_t, n_pend, "pending")
     if future is not None:
         _check_future(*future)
     if len(iscal) != N_ISCAL:
