@@ -5,7 +5,7 @@
 2. Calibrate: drive the profiling grid and fit the step model to the instance's own step
    records (``block_sgl.predictor.profile``) — not copied from the emulator's profile. Measure
    the client-side overhead (HTTP, tokenisation, detokenisation) of a tiny request at idle.
-3. Replay a bursty workload (gamma inter-arrivals, CV 3; lognormal prompt/output lengths; a
+3. Replay a bursty workload (gamma inter-arrivals, CV 3 unless ``--cv``; lognormal prompt/output lengths; a
    third of the prompts share a 512-token system prompt). At every arrival, predict the request's
    TTFT and E2E with fastsim from the instance's latest snapshot plus the requests sent but not
    yet visible in it, using the TRUE output lengths, then send it (streaming) and measure.
@@ -16,10 +16,15 @@
    prediction from the same snapshot, not causal: with the KNOWN FUTURE — the replay's actual
    later requests at the times they were really sent, with their true shapes, lengths and
    prefixes. It separates the simulator's own error under load from what a prediction at
-   arrival cannot know.
-4. Report MAPE and P90 absolute error of TTFT and E2E, for the three predictions.
+   arrival cannot know. And how much of that no causal prediction can know: from the same
+   snapshot, ``--future-samples`` futures drawn from the workload's own generator (arrival
+   process at the true rate and CV, length distributions), each simulated; their MAPE-optimal
+   point is the best causal prediction if the process were known exactly, and the MAPE it is
+   expected to have against those futures is the floor of any causal prediction (fastsim's own
+   error aside).
+4. Report MAPE and P90 absolute error of TTFT and E2E, for the predictions.
 
-    .venv/bin/python benchmarks/accuracy/fastsim_accuracy.py [--requests 120] [--rate 1.5] [--time-scale 8] [--seed 0] [--trace N]
+    .venv/bin/python benchmarks/accuracy/fastsim_accuracy.py [--requests 120] [--rate 1.5] [--cv 3] [--time-scale 8] [--seed 0] [--trace N] [--future-samples 32]
 
 Results: benchmarks/results/fastsim_accuracy.json
 """
@@ -49,16 +54,34 @@ RESULTS = Path(__file__).resolve().parents[1] / "results" / "fastsim_accuracy.js
 PROFILE = "h100-llama2-7b"
 
 
-def workload(n: int, rate: float, seed: int):
+SYSTEM_PROMPT_TOKENS = 512
+SHARED_FRACTION = 1 / 3
+"""This fraction of the workload's prompts start with the same system prompt."""
+
+
+def inter_arrival_gaps(rng: np.random.Generator, rate: float, n: int,
+                       cv: float = 3.0) -> np.ndarray:
+    """The workload's arrival process: gamma gaps with coefficient of variation ``cv`` (3 by
+    default: bursts and lulls; 1 is a Poisson process)."""
+    return rng.gamma(shape=1 / cv ** 2, scale=cv ** 2 / rate, size=n)
+
+
+def request_lengths(rng: np.random.Generator) -> tuple[int, int]:
+    """One request of the workload: (prompt tokens after any system prompt, output tokens)."""
+    inp = int(np.clip(rng.lognormal(np.log(500), 0.8), 32, 3000))
+    out = int(np.clip(rng.lognormal(np.log(100), 0.7), 8, 400))
+    return inp, out
+
+
+def workload(n: int, rate: float, seed: int, cv: float = 3.0):
     rng = np.random.default_rng(seed)
-    gaps = rng.gamma(shape=1 / 9, scale=9 / rate, size=n)  # CV 3: bursts and lulls
-    system = rng.integers(100, 20000, size=512).tolist()
+    gaps = inter_arrival_gaps(rng, rate, n, cv)
+    system = rng.integers(100, 20000, size=SYSTEM_PROMPT_TOKENS).tolist()
     reqs = []
     for i in range(n):
-        inp = int(np.clip(rng.lognormal(np.log(500), 0.8), 32, 3000))
-        out = int(np.clip(rng.lognormal(np.log(100), 0.7), 8, 400))
+        inp, out = request_lengths(rng)
         body = rng.integers(100, 20000, size=inp).tolist()
-        ids = (system + body) if rng.random() < 1 / 3 else body
+        ids = (system + body) if rng.random() < SHARED_FRACTION else body
         reqs.append({"rid": f"acc-{seed}-{i}", "ids": ids, "out": out, "gap": float(gaps[i])})
     return reqs
 
@@ -101,6 +124,54 @@ def known_future(inputs, sent: dict, results: dict, step_model, ttft_overhead: f
     return states
 
 
+def _mape_optimal(samples: np.ndarray) -> float:
+    """The point p minimising the expected |p − x| / x over equally likely outcomes x: the
+    median of the samples weighted by 1 / x."""
+    order = np.sort(samples)
+    weights = 1.0 / order
+    cum = np.cumsum(weights)
+    return float(order[np.searchsorted(cum, cum[-1] / 2)])
+
+
+def sampled_futures(inputs, results: dict, step_model, ttft_overhead: float, e2e_overhead: float,
+                    *, rate: float, cv: float, page: int, samples: int, seed: int) -> None:
+    """How much of the causal error no predictor at arrival can remove. For each request, from
+    the same snapshot and pending requests as its causal prediction: ``samples`` futures drawn
+    from the workload's own generator (its gamma arrival process at the true rate, its length
+    distributions, its shared system prompt as a cached prefix) — what a router that knew the
+    arrival process exactly could foresee — each simulated. Records the MAPE-optimal point of
+    those outcomes (a causal prediction), how far it is expected to be from them (the MAPE
+    floor of any causal prediction if fastsim were exact), and their P10–P90 spread."""
+    rng = np.random.default_rng(10_000 + seed)
+    system_prefix = SYSTEM_PROMPT_TOKENS // page * page
+    for rid, st, cand, _now, e2e, _snap_time in inputs:
+        horizon = 3 * e2e + 1.0
+        outcomes = []
+        for _ in range(samples):
+            times, rows, t = [], [], 0.0
+            while len(rows) < 256:
+                t += float(inter_arrival_gaps(rng, rate, 1, cv)[0])
+                if t > horizon:
+                    break
+                body, out = request_lengths(rng)
+                shared = rng.random() < SHARED_FRACTION
+                inp = body + SYSTEM_PROMPT_TOKENS if shared else body
+                rows.append((inp, system_prefix if shared else 0, 0, out, 1, out))
+                times.append(t)
+            state = st.with_future(fastsim.RequestTable.from_rows(rows), np.array(times)) \
+                if rows else st
+            pred = fastsim.predict(state, cand, step_model)
+            outcomes.append((pred.ttft_s + ttft_overhead, pred.e2e_s + e2e_overhead))
+        for col, key in enumerate(("ttft", "e2e")):
+            x = np.array([o[col] for o in outcomes])
+            point = _mape_optimal(x)
+            p10, p50, p90 = np.percentile(x, [10, 50, 90])
+            results[rid].update({f"pred_{key}_sampled_futures": point,
+                                 f"{key}_sampled_futures_expected_ape": float(
+                                     np.mean(np.abs(point - x) / x)),
+                                 f"{key}_sampled_futures_spread": float((p90 - p10) / p50)})
+
+
 def print_traces(n: int, states: dict, results: dict, step_records: list, step_model) -> None:
     """For the ``n`` requests with the largest known-future TTFT error: fastsim's steps (the
     readable twin, ``fastsim.trace``) next to the instance's real ones (its StepRecords), both
@@ -137,6 +208,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=120, help="requests in the replay")
     ap.add_argument("--rate", type=float, default=1.5, help="mean arrival rate (req/s)")
+    ap.add_argument("--cv", type=float, default=3.0,
+                    help="coefficient of variation of the gamma inter-arrival gaps (1: Poisson)")
     ap.add_argument("--time-scale", type=float, default=8.0,
                     help="emulated-time stretch; the tiny model's real CPU cost (~1 ms per "
                          "decoding request per step) must stay below the emulated step time")
@@ -146,6 +219,9 @@ def main() -> None:
                          "the N requests with the largest known-future TTFT error")
     ap.add_argument("--arrival-window", type=float, default=30.0,
                     help="seconds of past arrivals the expected arrival rate is measured over")
+    ap.add_argument("--future-samples", type=int, default=32, metavar="K",
+                    help="futures drawn from the workload's own process per request for the "
+                         "sampled-futures analysis (0: skip it)")
     args = ap.parse_args()
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = ClusterConfig(instances=1, emulate=PROFILE, time_scale=args.time_scale,
@@ -181,12 +257,12 @@ def main() -> None:
         ttft_overhead = float(np.median([o[0] for o in overhead]))
         e2e_overhead = float(np.median([o[1] for o in overhead]))
 
-        reqs = workload(args.requests, args.rate, args.seed)
+        reqs = workload(args.requests, args.rate, args.seed, args.cv)
         true_out = {r["rid"]: r["out"] for r in reqs}
         sent: dict[str, dict] = {}
         results: dict[str, dict] = {}
         threads = []
-        print(f"replaying {len(reqs)} requests at {args.rate} req/s (bursty) ...", flush=True)
+        print(f"replaying {len(reqs)} requests at {args.rate} req/s (gamma gaps, CV {args.cv:g}) ...", flush=True)
         t_next = t_start = time.perf_counter()
         history: list[tuple[float, int, int, int]] = []  # (sent at, input_len, prefix, out)
         known_future_inputs = []  # (rid, state, candidate, prediction time, E2E, snapshot time)
@@ -245,17 +321,28 @@ def main() -> None:
         sub.stop()
         states = known_future(known_future_inputs, sent, results, step_model, ttft_overhead,
                               e2e_overhead)
+        if args.future_samples:
+            sampled_futures(known_future_inputs, results, step_model, ttft_overhead,
+                            e2e_overhead, rate=args.rate, cv=args.cv, page=page,
+                            samples=args.future_samples, seed=args.seed)
 
     rows = list(results.values())
     out = {"machine": f"{platform.node()} {platform.machine()}", "profile": PROFILE,
-           "time_scale": args.time_scale, "requests": len(rows), "rate": args.rate, "seed": args.seed,
+           "time_scale": args.time_scale, "requests": len(rows), "rate": args.rate, "cv": args.cv, "seed": args.seed,
            "ttft_overhead_s": ttft_overhead, "e2e_overhead_s": e2e_overhead,
            "step_model": doc["coefficients"], "step_model_fit_error": doc["source"]["median_relative_error"],
            "implementation": fastsim.implementation(), "arrival_window_s": args.arrival_window,
            "note": "keys without a suffix: predictions from the snapshot alone; *_with_arrivals: "
                    "the same snapshot plus expected future arrivals (causal rate and shape); "
                    "*_with_known_future: the same snapshot plus the requests really sent after "
-                   "it (not causal: the simulator's own error under load)"}
+                   "it (not causal: the simulator's own error under load); "
+                   "*_with_sampled_futures: the MAPE-optimal point over --future-samples futures "
+                   "drawn from the workload's own arrival process and length distributions "
+                   "(causal, if the process were known exactly); *_floor_sampled_futures: the "
+                   "MAPE that point is expected to have against those futures (what no causal "
+                   "prediction can remove, simulator error aside); "
+                   "*_sampled_vs_known_future: that point against the known-future prediction",
+           "future_samples": args.future_samples}
     for key in ("ttft", "e2e"):
         obs = np.array([r[key] for r in rows])
         out[f"{key}_observed_p50_s"] = float(np.median(obs))
@@ -267,6 +354,15 @@ def main() -> None:
             out[f"{key}_mape{suffix}"] = float(np.mean(err / obs))
             out[f"{key}_median_signed_rel_err{suffix}"] = float(np.median((pred - obs) / obs))
             out[f"{key}_p90_abs_err_s{suffix}"] = float(np.percentile(err, 90))
+        if args.future_samples:
+            point = np.array([r[f"pred_{key}_sampled_futures"] for r in rows])
+            known = np.array([r[f"pred_{key}_known_future"] for r in rows])
+            out[f"{key}_mape_with_sampled_futures"] = float(np.mean(np.abs(point - obs) / obs))
+            out[f"{key}_mape_floor_sampled_futures"] = float(np.mean(
+                [r[f"{key}_sampled_futures_expected_ape"] for r in rows]))
+            out[f"{key}_mape_sampled_vs_known_future"] = float(np.mean(np.abs(point - known) / known))
+            out[f"{key}_sampled_futures_median_spread"] = float(np.median(
+                [r[f"{key}_sampled_futures_spread"] for r in rows]))
     out["per_request"] = rows
     out["max_queue_seen"] = max(r["queue_len"] for r in rows)
     out["max_running_seen"] = max(r["running"] for r in rows)
@@ -279,6 +375,17 @@ def main() -> None:
               f"{100 * out['e2e_mape' + suffix]:.1f} % (P90 abs err "
               f"{1e3 * out['e2e_p90_abs_err_s' + suffix]:.0f} ms, median signed "
               f"{100 * out['e2e_median_signed_rel_err' + suffix]:+.1f} %)")
+    if args.future_samples:
+        print(f"with {args.future_samples} sampled futures of the workload's own process "
+              f"(causal): TTFT MAPE {100 * out['ttft_mape_with_sampled_futures']:.1f} %, E2E MAPE "
+              f"{100 * out['e2e_mape_with_sampled_futures']:.1f} %; expected MAPE of that point "
+              f"against its own futures (the floor for any causal prediction): TTFT "
+              f"{100 * out['ttft_mape_floor_sampled_futures']:.1f} %, E2E "
+              f"{100 * out['e2e_mape_floor_sampled_futures']:.1f} %; against the known-future "
+              f"prediction: TTFT {100 * out['ttft_mape_sampled_vs_known_future']:.1f} %, E2E "
+              f"{100 * out['e2e_mape_sampled_vs_known_future']:.1f} %; median P10–P90 spread "
+              f"TTFT {100 * out['ttft_sampled_futures_median_spread']:.0f} %, E2E "
+              f"{100 * out['e2e_sampled_futures_median_spread']:.0f} %")
     print(f"observed TTFT p50 {out['ttft_observed_p50_s']:.2f} s, max queue {out['max_queue_seen']}")
     if args.trace:
         print_traces(args.trace, states, results, step_records, step_model)
