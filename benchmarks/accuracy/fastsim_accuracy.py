@@ -223,6 +223,10 @@ def main() -> None:
                     help="futures drawn from the workload's own process per request for the "
                          "sampled-futures analysis (0: skip it)")
     args = ap.parse_args()
+    if args.future_samples < 0:
+        ap.error(f"--future-samples must be >= 0, got {args.future_samples}")
+    if not args.cv > 0:
+        ap.error(f"--cv must be > 0, got {args.cv}")
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = ClusterConfig(instances=1, emulate=PROFILE, time_scale=args.time_scale,
                            env=(("BLOCK_SGL_PUBLISH", endpoint),))
