@@ -283,7 +283,7 @@ class _Req:
 
 
 class SimStep(NamedTuple):
-    """One simulated step (or a closed-form stretch of decode steps), for ``simulate_trace``.
+    """One simulated step (or a closed-form stretch of decode steps), for ``simulate(..., trace=list)``.
     Request ids count through running, waiting, pending, the candidate, future, in order."""
 
     start_s: float
@@ -300,7 +300,7 @@ class SimStep(NamedTuple):
 
 
 class _Sim:
-    trace = None  # a list to append SimSteps to (simulate_trace), else None
+    trace = None  # a list to append SimSteps to (``simulate(..., trace=list)``), else None
 
     def __init__(self, running, waiting, pending, iscal, fscal, coeffs, cand, step_by_step,
                  future=None, pending_t=None):
