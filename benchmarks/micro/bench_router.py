@@ -13,6 +13,10 @@
    0.3.2 and vs the floor of any aiohttp proxy (``bare_proxy.py``), side by side in one run, in front of one real SGLang CPU instance (tiny model, no
    emulation: requests are short): non-streaming latency and streaming time to first byte on
    keep-alive connections, sequential and at concurrency 8 / 32; and each router's RSS.
+   Sequential cells are measured twice: in blocks of ``--requests`` per target (with each
+   router's CPU per request), and with the targets interleaved request by request
+   (``paired_added_p50_ms``: the median per-request difference to the direct connection, with
+   a 90 % bootstrap interval; drift between blocks cancels, so this is the figure to quote).
 
     python benchmarks/micro/bench_router.py decision [--json]
     python benchmarks/micro/bench_router.py fit [--json]
@@ -191,9 +195,7 @@ async def _measure(url: str, n: int, concurrency: int, stream: bool) -> list[flo
     over keep-alive connections (one aiohttp session, as a client library would)."""
     import aiohttp
 
-    body = {"text": "The quick brown fox", "sampling_params": {
-        "max_new_tokens": 4 if stream else 1, "temperature": 0, "ignore_eos": True},
-        "stream": stream}
+    body = _request_body(stream)
     out: list[float] = []
     sem = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -215,6 +217,69 @@ async def _measure(url: str, n: int, concurrency: int, stream: bool) -> list[flo
         out.clear()
         await asyncio.gather(*(one() for _ in range(n)))
     return out
+
+
+def _request_body(stream: bool) -> dict:
+    return {"text": "The quick brown fox", "sampling_params": {
+        "max_new_tokens": 4 if stream else 1, "temperature": 0, "ignore_eos": True},
+        "stream": stream}
+
+
+async def _measure_paired(targets: dict[str, str], n: int, stream: bool,
+                          seed: int = 0) -> dict[str, list[float]]:
+    """Sequential requests, the targets interleaved request by request (in a fresh random
+    order for every request index), each over its own keep-alive connection. Request ``i`` of
+    every target then ran within a few tens of ms of the others, so the per-index differences
+    to ``direct`` cancel the machine's drift, which moves a block of 100 requests by ±1–2 ms
+    on this VM (what limits the block-interleaved cells)."""
+    import random
+
+    import aiohttp
+
+    body = _request_body(stream)
+    sessions = {k: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+                for k in targets}
+    out: dict[str, list[float]] = {k: [] for k in targets}
+
+    async def one(name: str) -> float:
+        t = time.perf_counter()
+        async with sessions[name].post(f"{targets[name]}/generate", json=body) as r:
+            if stream:
+                await r.content.readany()
+                elapsed = time.perf_counter() - t
+                await r.read()
+            else:
+                await r.read()
+                elapsed = time.perf_counter() - t
+            assert r.status == 200, r.status
+        return elapsed
+
+    try:
+        for name in targets:  # warm each connection
+            for _ in range(4):
+                await one(name)
+        rng = random.Random(seed)
+        order = list(targets)
+        for _ in range(n):
+            rng.shuffle(order)
+            for name in order:
+                out[name].append(await one(name))
+    finally:
+        for s in sessions.values():
+            await s.close()
+    return out
+
+
+def paired_added(xs: list[float], direct: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Median of the per-request differences to ``direct`` (ms) and its 90 % bootstrap
+    interval."""
+    diff = (np.asarray(xs) - np.asarray(direct)) * 1e3
+    if len(diff) == 0:
+        raise ValueError("no paired samples")
+    rng = np.random.default_rng(seed)
+    boots = np.median(rng.choice(diff, size=(1000, len(diff))), axis=1)
+    lo, hi = np.percentile(boots, [5, 95])
+    return float(np.median(diff)), float(lo), float(hi)
 
 
 def _rss_mb(pid: int) -> float:
@@ -314,6 +379,10 @@ def bench_proxy(args) -> dict:
                             cpu_s[name] += (_cpu_seconds(pid) - before) if pid else 0.0
                             requests[name] += n + min(conc, 8)  # + the warm-up requests
                     direct = statistics.median(samples["direct"])
+                    paired = {}
+                    if conc == 1:
+                        paired = asyncio.run(_measure_paired(targets, args.requests * args.rounds,
+                                                             stream))
                     for name, xs in samples.items():
                         rows.append({"mode": "stream_ttfb" if stream else "non_stream",
                                      "concurrency": conc, "target": name,
@@ -324,9 +393,17 @@ def bench_proxy(args) -> dict:
                                          cpu_s[name] / requests[name] * 1e3
                                          if name in routers else None),
                                      "n": len(xs)})
+                        line = ""
+                        if paired:
+                            med, lo, hi = paired_added(paired[name], paired["direct"])
+                            rows[-1].update({"paired_added_p50_ms": med,
+                                             "paired_added_ci90_ms": [lo, hi],
+                                             "paired_n": len(paired[name])})
+                            line = f"  paired {med:+6.2f} [{lo:+.2f}, {hi:+.2f}] ms"
                         cpu = rows[-1]["router_cpu_ms_per_request"]
                         print(f"{rows[-1]['mode']:11s} c={conc:<3d} {name:22s} "
                               f"p50 {rows[-1]['p50_ms']:7.2f} ms  added {rows[-1]['added_p50_ms']:+7.2f} ms"
+                              + line
                               + (f"  router CPU {cpu:5.2f} ms/request" if cpu is not None else ""),
                               flush=True)
             rss = {name: _rss_mb(proc.pid) for name, (_, proc) in routers.items()}
