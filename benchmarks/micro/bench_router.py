@@ -16,7 +16,9 @@
    Sequential cells are measured twice: in blocks of ``--requests`` per target (with each
    router's CPU per request), and with the targets interleaved request by request
    (``paired_added_p50_ms``: the median per-request difference to the direct connection, with
-   a 90 % bootstrap interval; drift between blocks cancels, so this is the figure to quote).
+   a 90 % bootstrap interval; drift between blocks cancels). In the paired pass a target's
+   consecutive requests are ≈ 60–80 ms apart, not back to back: a stall that needs the previous
+   response's delayed ACK outstanding (sglang-router's Nagle delay) shows only in the blocks.
 
     python benchmarks/micro/bench_router.py decision [--json]
     python benchmarks/micro/bench_router.py fit [--json]
