@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +49,7 @@ ORDER = ("read", "parsed", "viewed", "decide_start", "views", "predicted", "deci
 
 def _instrument(out_file: str, router: bool) -> None:
     """Wrap aiohttp's (and the router's) entry points with marks; write the rows of every
-    finished request to ``out_file`` (JSON, rewritten every 50 requests)."""
+    finished request to ``out_file`` (JSON) when the process exits."""
     from aiohttp import client, web_protocol, web_response
 
     pc = time.perf_counter
@@ -94,10 +96,11 @@ def _instrument(out_file: str, router: bool) -> None:
             d = marks.pop(task, None)
             if d and "first_written" in d:
                 rows.append({k: (v - d["t0"]) * 1e6 for k, v in d.items()})
-                if len(rows) % 50 == 0:
-                    Path(out_file).write_text(json.dumps(rows))
 
     web_protocol.RequestHandler._handle_request = handle_request
+    # The rows are written when the process exits: at SIGTERM (the parent stops it so) too.
+    atexit.register(lambda: Path(out_file).write_text(json.dumps(rows)))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     wrap_async(client.ClientSession, "_request", "upstream_sent", "upstream_headers")
     wrap_async(web_response.StreamResponse, "prepare", "client_prepare")
     wrap_async(web_response.StreamResponse, "write", None, "first_written")
@@ -174,7 +177,11 @@ def main(argv=None) -> None:
                 proc.wait(15)
     for name in procs:
         med, lo, hi = paired_added(samples[name], samples["direct"])
-        rows = json.loads((tmp / f"{name}.json").read_text())
+        marks = tmp / f"{name}.json"
+        if not marks.is_file():
+            raise SystemExit(f"{name} wrote no marks to {marks} (exit code "
+                             f"{procs[name].returncode}): did it start and stop cleanly?")
+        rows = json.loads(marks.read_text())
         print(f"{name}: added time to first byte {med:+.2f} ms [{lo:+.2f}, {hi:+.2f}] "
               f"(paired, n={len(samples[name])}); segments over {len(rows)} requests (µs):")
         for label, us in segments(rows):
