@@ -14,21 +14,10 @@ from aiohttp.test_utils import TestServer
 from block_sgl import protocol as p
 from block_sgl.router.config import RouterConfig
 from block_sgl.router.core import Router
-from block_sgl.router.ingest import InstanceState
 from block_sgl.router.proxy import RouterApp
+from tests.unit.test_router_core import FakeSubscriber
 
 ENDPOINT = "tcp://127.0.0.1:7000"
-
-
-class FakeSubscriber:
-    def __init__(self, endpoints, stale_after_s, on_cache_event, on_steps):
-        self.states = {e: InstanceState(endpoint=e) for e in endpoints}
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
 
 
 def _upstream_app() -> web.Application:
