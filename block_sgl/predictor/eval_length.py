@@ -20,6 +20,10 @@ pure-Python twin side by side (``inference_split_us``), and a reference (CPU µs
 Also reported apart: the figures on the held-out prompts whose text does not occur among the
 training prompts.
 
+Data: ShareGPT without its duplicate conversations (``train_length``'s module docstring: a copy
+of a held-out example among the training examples is a leaked label); ``--keep-duplicates``
+gives the inflated figures of before 2026-11-29 for comparison.
+
 The last stdout line (``--json``) is a JSON object; it is also written to ``--output``.
 """
 
@@ -186,9 +190,9 @@ def evaluate(model: LengthPredictor, data: LabelledData, split: SplitSpec, *, ti
     split = time_inference_split(model, prompts, tokens, n=timing_n, repeats=timing_repeats)
     load_after = os.getloadavg()[0]
     ref_after = reference_cpu_us()
-    # How many held-out prompts occur verbatim among the training prompts (not a leak of
-    # conversations — the split is by conversation — but ShareGPT repeats popular prompts and
-    # holds some conversations twice under two ids). Reported apart, for information.
+    # How many held-out prompts occur verbatim among the training prompts: ShareGPT repeats
+    # popular prompts (and, unless duplicates were kept, never with the same response: those
+    # copies of one conversation under two ids are dropped). Reported apart, for information.
     train_texts = {json.dumps(data.examples[i].messages[-1]["value"]) for i in train}
     seen = np.array([json.dumps(data.examples[i].messages[-1]["value"]) in train_texts
                      for i in test], dtype=bool)
@@ -245,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache of the default tokenizer (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,
                    help="read only the first N ShareGPT conversations (default: all)")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="keep ShareGPT's duplicate conversations (the figures before "
+                        "2026-11-29; inflated: copies straddle the split). With --model the "
+                        "model's own choice (its metadata) is used and this flag must match it")
     p.add_argument("--timing-requests", type=int, default=2000,
                    help="held-out prompts timed one by one (default: %(default)s)")
     p.add_argument("--timing-repeats", type=int, default=3,
@@ -266,9 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"{args.model}: metadata has no train split; cannot evaluate on "
                              "held-out data")
         split = SplitSpec(**split_meta)
+        kept = model.metadata["train"].get("duplicates", "kept") == "kept"
+        if kept != args.keep_duplicates:
+            raise SystemExit(
+                f"{args.model}: trained with ShareGPT's duplicate conversations "
+                f"{'kept' if kept else 'dropped'}; evaluate it the same way "
+                f"({'with' if kept else 'without'} --keep-duplicates)")
     else:
         split = SplitSpec()
-    data = labelled_sharegpt(tokenizer, args.limit)
+    data = labelled_sharegpt(tokenizer, args.limit, keep_duplicates=args.keep_duplicates)
     log(f"{len(data.examples)} examples tokenized in {time.perf_counter() - t0:.1f} s")
     if not args.model:
         model = train_on(data, tokenizer_id, split=split, config=LengthModelConfig(),

@@ -14,7 +14,8 @@ from block_sgl.predictor.length import (GRAMS_FILE, LENGTH_MODEL_VERSION, METADA
                                         LengthPredictor, TreeEnsemble, train_length_model)
 from block_sgl.predictor.tokenizer_train import tokenizer_fingerprint
 from block_sgl.predictor.train_length import (SplitSpec, build_parser, count_tokens,
-                                              example_from_conversation, prompt_text,
+                                              example_from_conversation,
+                                              examples_from_conversations, prompt_text,
                                               sharegpt_examples)
 from block_sgl.testing.tiny_model import train_tokenizer
 
@@ -237,6 +238,34 @@ def test_excluded_conversations_are_left_out_and_recorded():
             build_parser().parse_args(["--out", "x", "--exclude-conversations", bad])
 
 
+def _conv(cid, request, response, earlier=()):
+    turns = [{"from": "gpt", "value": e} for e in earlier]
+    return {"id": cid, "conversations": turns + [{"from": "human", "value": request},
+                                                  {"from": "gpt", "value": response}]}
+
+
+def test_duplicate_conversations_are_dropped_with_copies_of_excluded_ones():
+    convs = [_conv("a", "hi", "hello"), _conv("b", "hi", "hello there"),  # same request only
+             _conv("c", "hi", "hello"),  # a copy of a: same request and response
+             _conv("d", "sum 2+2", "4"), _conv("e", "hi", "hello", earlier=["x"]),
+             _conv("f", "sum 2+2", "4"),  # a copy of the excluded d
+             _conv("g", "bye", "ciao"), _conv("h", "bye", "ciao")]
+    ids = lambda exs: [e.conversation_id for e in exs]  # noqa: E731
+    out, stats = examples_from_conversations(convs)
+    assert ids(out) == ["a", "b", "d", "e", "g"]
+    assert stats["duplicate_examples_dropped"] == 3 and stats["duplicates"] == "dropped"
+    out, stats = examples_from_conversations(convs, exclude=range(3, 4))
+    assert ids(out) == ["a", "b", "e", "g"]
+    assert stats["duplicate_examples_dropped"] == 2 and stats["copies_of_excluded_dropped"] == 1
+    assert stats["conversations_excluded"] == 1 and stats["examples"] == 4
+    out, stats = examples_from_conversations(convs, exclude=range(3, 4), keep_duplicates=True)
+    assert ids(out) == ["a", "b", "c", "e", "f", "g", "h"] and stats["duplicates"] == "kept"
+    out, _ = examples_from_conversations(convs, limit=3)
+    assert ids(out) == ["a", "b"]
+    assert build_parser().parse_args(["--out", "x", "--keep-duplicates"]).keep_duplicates
+    assert not build_parser().parse_args(["--out", "x"]).keep_duplicates
+
+
 def test_lognormal_mean_from_two_quantiles():
     from block_sgl.predictor.length import lognormal_mean
     # a log-normal with mu = ln 100, sigma = 0.8: P90 = 100 e^(0.8 z90), mean = 100 e^(0.32)
@@ -289,3 +318,23 @@ def test_length_model_tokenizer_trainer_is_general_and_deterministic():
     assert all(a.token_to_id(t) is not None for t in SPECIAL_TOKENS)
     enc = a.encode("unseen ☃ text \x00")
     assert a.decode(enc.ids) == "unseen ☃ text \x00"
+
+
+def test_eval_refuses_a_duplicates_setting_other_than_the_models(tmp_path, data, model):
+    from block_sgl.predictor import eval_length
+
+    tok = data[3]
+    (tmp_path / "test").mkdir()
+    tok.save(str(tmp_path / "test" / "tokenizer.json"))  # load_tokenizer's id: "test#<sha>"
+    model.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / METADATA_FILE).read_text())
+    meta["train"]["split"] = {"seed": 0, "test_fraction": 0.2}
+    (tmp_path / "m" / METADATA_FILE).write_text(json.dumps(meta))
+    argv = ["--model", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "test"), "--output", ""]
+    # this model's metadata records no "duplicates": trained before they were dropped = kept
+    with pytest.raises(SystemExit, match="kept.*with --keep-duplicates"):
+        eval_length.main(argv)
+    meta["train"]["duplicates"] = "dropped"
+    (tmp_path / "m" / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="dropped.*without --keep-duplicates"):
+        eval_length.main(argv + ["--keep-duplicates"])
